@@ -1,0 +1,49 @@
+"""albumentations pipelines: the study's training augmentations and the deterministic eval pipeline.
+
+Both take ``image`` (uint8 RGB, H x W x 3) and ``mask`` (uint8 {0, 1}, H x W) together and return a
+normalised float tensor (3, H, W) and the mask, still in {0, 1}: geometric transforms use
+nearest-neighbour interpolation and a zero fill for the mask.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+from kvseg.config import AugmentConfig
+
+
+def _finish(cfg: AugmentConfig) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0), ToTensorV2()]
+
+
+def build_train_transform(cfg: AugmentConfig) -> A.Compose:
+    """Random rotation (plus 90-degree turns), horizontal/vertical flip and transpose, then normalise.
+
+    The pipeline's randomness is its own: :class:`kvseg.data.SegmentationDataset` reseeds it per
+    sample through ``set_random_seed``.
+    """
+    return A.Compose(
+        [
+            A.Rotate(
+                limit=cfg.rotate_limit,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=cfg.rotate_p,
+            ),
+            A.RandomRotate90(p=cfg.rotate90_p),
+            A.HorizontalFlip(p=cfg.hflip_p),
+            A.VerticalFlip(p=cfg.vflip_p),
+            A.Transpose(p=cfg.transpose_p),
+            *_finish(cfg),
+        ]
+    )
+
+
+def build_eval_transform(cfg: AugmentConfig) -> A.Compose:
+    """Normalisation and tensor conversion only: no random operation."""
+    return A.Compose(_finish(cfg))

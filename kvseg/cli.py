@@ -1,0 +1,28 @@
+"""Shared command-line behaviour: user errors become one line and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from kvseg.errors import KvsegError
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; print a :class:`KvsegError` as ``error: <message>`` and return 2.
+
+    With ``--debug`` among the arguments the error propagates with its traceback. In a
+    multi-process launch only the main process prints.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(args)
+    except KvsegError as exc:
+        if "--debug" in args:
+            raise
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

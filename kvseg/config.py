@@ -1,0 +1,189 @@
+"""One typed configuration for a kvseg run.
+
+The dataclasses below hold every field with its default. YAML files in ``configs/`` only override
+fields, and so do ``--set section.key=value`` overrides on the command line. Unknown keys, wrong
+types and bad values fail with a :class:`~kvseg.errors.ConfigError` that names the key.
+Launcher settings (process count, machines, mixed precision) are not here: they belong to the
+``accelerate launch`` configuration files in ``configs/accelerate/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kvseg.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the dataset lives and how it is read."""
+
+    root: str = "data/kvasir-instrument"
+    image_size: int = 128  # images and masks are resized to image_size x image_size
+    mask_threshold: int = 128  # mask pixels >= threshold (0-255 scale) are instrument
+    test_fraction: float = 0.2  # used only when the folder has no train.txt / test.txt
+    split_seed: int = 0
+    cache: bool = True  # keep decoded, resized images in shared memory after first read
+    num_workers: int = 2
+    # The synthetic stand-in written when ``root`` does not exist and no data dir was given.
+    synthetic_images: int = 200
+    synthetic_test_fraction: float = 0.2
+    synthetic_size: int = 192
+
+
+@dataclass
+class AugmentConfig:
+    """The study's augmentations: random rotation, flips and transpose."""
+
+    rotate_limit: float = 30.0  # degrees, uniform in [-limit, limit]
+    rotate_p: float = 0.5
+    rotate90_p: float = 0.5
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    transpose_p: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class ModelConfig:
+    """U-Net shape."""
+
+    base_channels: int = 16
+    depth: int = 4  # number of down-sampling steps; input sides must divide by 2**depth
+    upsample: str = "transpose"  # "transpose" or "bilinear"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and evaluation schedule."""
+
+    epochs: int = 12
+    batch_size: int = 8  # per process
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # "cosine" or "none"
+    grad_accum_steps: int = 1
+    seed: int = 42
+    eval_every: int = 0  # evaluate on the test split every k epochs (0: only at the end)
+    channels_last: bool = True
+    sync_batchnorm: str = "auto"  # "auto" (on with several GPU processes), "on" or "off"
+    threshold: float = 0.5  # probability above which a pixel is predicted instrument
+
+
+@dataclass
+class Config:
+    """Everything a run needs besides the launcher settings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+    run_name: str = ""  # empty: a time stamp
+
+
+_CHOICES = {
+    "model.upsample": ("transpose", "bilinear"),
+    "train.scheduler": ("cosine", "none"),
+    "train.sync_batchnorm": ("auto", "on", "off"),
+}
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's messages span several lines; keep the first, with the full key."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    return f"{message} (key '{key}')" if key and key not in message else message
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "data.synthetic_images": cfg.data.synthetic_images,
+        "data.synthetic_size": cfg.data.synthetic_size,
+        "model.base_channels": cfg.model.base_channels,
+        "model.depth": cfg.model.depth,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.lr": cfg.train.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' is {value}; expected a positive number")
+    for key, value in {
+        "data.test_fraction": cfg.data.test_fraction,
+        "data.synthetic_test_fraction": cfg.data.synthetic_test_fraction,
+    }.items():
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"config key '{key}' is {value}; expected a fraction between 0 and 1")
+    if cfg.data.image_size % 2**cfg.model.depth:
+        raise ConfigError(
+            f"config key 'data.image_size' is {cfg.data.image_size}; expected a multiple of "
+            f"2**model.depth = {2**cfg.model.depth}"
+        )
+    if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3:
+        raise ConfigError("config keys 'augment.mean' and 'augment.std' need three values (R, G, B)")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the run configuration: defaults, then the YAML file at ``path``, then ``overrides``.
+
+    ``overrides`` are ``section.key=value`` strings, e.g. ``train.lr=1e-3``.
+    """
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"{path}: config file not found")
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: expected a YAML mapping of config sections")
+            merged = OmegaConf.merge(merged, loaded)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-3")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{_one_line(exc)}") from None
+    assert isinstance(cfg, Config)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of ``cfg``, for JSON, YAML and checkpoints."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :func:`config_to_dict` output (e.g. stored in a checkpoint)."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"stored config: {_one_line(exc)}") from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, as printed at start and saved in the run folder."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,267 @@
+"""Reading a segmentation dataset folder: pairs, splits, decoding and the shared in-memory cache.
+
+Two layouts are read by the same code:
+
+* **Kvasir-Instrument**: ``ROOT/images/<id>.jpg``, ``ROOT/masks/<id>.png``, ``ROOT/train.txt`` and
+  ``ROOT/test.txt`` with one id (file stem) per line.
+* **Generic**: ``ROOT/images/`` and ``ROOT/masks/`` matched by file stem, any of the extensions in
+  :data:`IMAGE_EXTENSIONS` on either side, masks in any mode (0/1, 0/255, RGB, JPEG with grey edges),
+  images of any size, and no split files: the split is then drawn from a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from kvseg.errors import (
+    CorruptImageError,
+    DatasetError,
+    DatasetNotFoundError,
+    EmptyDatasetError,
+    MissingMaskError,
+    OrphanMaskError,
+    SplitError,
+)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+SPLIT_FILES = ("train.txt", "test.txt")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its mask, named by the shared file stem."""
+
+    id: str
+    image: Path
+    mask: Path
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train and test ids, and where they came from ("split files" or "seed N")."""
+
+    train: list[str]
+    test: list[str]
+    source: str
+
+
+def _list_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"{folder}: folder not found (expected images/ and masks/ inside the dataset root)")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        if path.stem in files:
+            raise DatasetError(f"{path}: two files share the stem '{path.stem}' ({files[path.stem].name}); expected one per id")
+        files[path.stem] = path
+    return files
+
+
+def _preview(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def find_samples(root: str | Path) -> dict[str, Sample]:
+    """All image/mask pairs under ``root``, keyed by id (file stem), sorted by id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"{root}: dataset folder not found (expected a folder with images/ and masks/)")
+    images = _list_files(root / "images")
+    masks = _list_files(root / "masks")
+    if not images:
+        raise EmptyDatasetError(f"{root / 'images'}: no images found (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+    without_mask = sorted(set(images) - set(masks))
+    if without_mask:
+        raise MissingMaskError(
+            f"{root / 'masks'}: no mask for {len(without_mask)} image(s): {_preview(without_mask)} "
+            "(expected a mask with the same file stem)"
+        )
+    without_image = sorted(set(masks) - set(images))
+    if without_image:
+        raise OrphanMaskError(
+            f"{root / 'images'}: no image for {len(without_image)} mask(s): {_preview(without_image)} "
+            "(expected an image with the same file stem)"
+        )
+    return {stem: Sample(stem, images[stem], masks[stem]) for stem in sorted(images)}
+
+
+def read_split_file(path: Path, known: dict[str, Sample]) -> list[str]:
+    ids = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            name = Path(name).stem
+        if name not in known:
+            raise SplitError(f"{path}:{number}: id '{name}' has no image in images/ (expected ids of existing files)")
+        ids.append(name)
+    return ids
+
+
+def resolve_split(root: str | Path, samples: dict[str, Sample], seed: int, test_fraction: float) -> Split:
+    """The train/test split of ``root``: its split files if present, otherwise a seeded draw.
+
+    With only one of the two split files, the other split is every remaining id.
+    """
+    root = Path(root)
+    train_file, test_file = (root / name for name in SPLIT_FILES)
+    if train_file.is_file() or test_file.is_file():
+        train = read_split_file(train_file, samples) if train_file.is_file() else None
+        test = read_split_file(test_file, samples) if test_file.is_file() else None
+        if train is None:
+            train = [i for i in samples if i not in set(test)]
+        if test is None:
+            test = [i for i in samples if i not in set(train)]
+        overlap = sorted(set(train) & set(test))
+        if overlap:
+            raise SplitError(f"{root}: {len(overlap)} id(s) are in both train.txt and test.txt: {_preview(overlap)}")
+        if not train or not test:
+            raise SplitError(f"{root}: the split files leave the {'train' if not train else 'test'} split empty")
+        return Split(train, test, "split files")
+    ids = sorted(samples)
+    if len(ids) < 2:
+        raise SplitError(f"{root}: {len(ids)} image(s); a train/test split needs at least 2")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_test = min(len(ids) - 1, max(1, round(test_fraction * len(ids))))
+    test = sorted(ids[i] for i in order[:n_test])
+    train = sorted(ids[i] for i in order[n_test:])
+    return Split(train, test, f"seed {seed}")
+
+
+def write_split(split: Split, folder: str | Path) -> None:
+    """Write ``train.txt`` and ``test.txt`` into ``folder`` (a run folder, never the data folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, ids in zip(SPLIT_FILES, (split.train, split.test)):
+        (folder / name).write_text("".join(f"{i}\n" for i in ids))
+
+
+def _open(path: Path, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now so that a truncated file fails here
+            return np.asarray(image.convert(mode))
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CorruptImageError(f"{path}: cannot decode image ({reason}); expected a readable image file") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """The image at ``path`` as RGB uint8, shape (H, W, 3)."""
+    return _open(Path(path), "RGB")
+
+
+def read_mask(path: str | Path, threshold: int = 128) -> np.ndarray:
+    """The mask at ``path`` as uint8 in {0, 1}, shape (H, W).
+
+    A pixel is foreground when any channel is >= ``threshold`` (0-255 scale), so greyscale, RGB and
+    JPEG masks with grey edge values all work. A mask whose values are only 0 and 1 is taken as is.
+    """
+    mask = _open(Path(path), "RGB").max(axis=2)
+    if mask.max() <= 1:
+        return mask.astype(np.uint8)
+    return (mask >= threshold).astype(np.uint8)
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to ``size`` x ``size``: the image with area/linear interpolation, the mask by nearest neighbour."""
+    if image.shape[:2] != mask.shape[:2]:
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but mask is {mask.shape[1]}x{mask.shape[0]}")
+    if image.shape[:2] != (size, size):
+        shrink = image.shape[0] > size or image.shape[1] > size
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    return image, mask
+
+
+class SegmentationDataset(Dataset):
+    """Image/mask pairs, resized, augmented and returned as ``(image, mask, index)``.
+
+    ``image`` is what ``transform`` returns (a normalised float tensor (3, S, S) for kvseg's
+    pipelines), ``mask`` a uint8 tensor (1, S, S) in {0, 1} and ``index`` the position in ``samples``.
+
+    With ``cache=True`` the decoded, resized uint8 arrays live in shared memory, allocated once in
+    the process that builds the dataset: DataLoader workers fill it on first read and every worker,
+    in every later epoch, reads from the same memory instead of decoding again.
+
+    Random augmentations are seeded per sample from ``(seed, epoch, index)``, so they are
+    reproducible for a seed, differ across epochs, workers and processes, and do not depend on the
+    number of workers (see :meth:`set_epoch`).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int,
+        transform: Callable | None = None,
+        mask_threshold: int = 128,
+        cache: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not samples:
+            raise EmptyDatasetError("dataset split is empty; expected at least one image")
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.transform = transform
+        self.mask_threshold = mask_threshold
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if cache:
+            n, s = len(self.samples), image_size
+            self._cache = (
+                torch.empty((n, s, s, 3), dtype=torch.uint8).share_memory_(),
+                torch.empty((n, s, s), dtype=torch.uint8).share_memory_(),
+                torch.zeros(n, dtype=torch.bool).share_memory_(),
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch``; call before iterating a DataLoader over it."""
+        self._epoch.fill_(epoch)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded, resized uint8 image (S, S, 3) and {0, 1} mask (S, S), from the cache when filled."""
+        if self._cache is not None and bool(self._cache[2][index]):
+            return self._cache[0][index].numpy(), self._cache[1][index].numpy()
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        mask = read_mask(sample.mask, self.mask_threshold)
+        if image.shape[:2] != mask.shape[:2]:
+            raise CorruptImageError(
+                f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                f"{image.shape[1]}x{image.shape[0]}; expected the same size"
+            )
+        image, mask = resize_pair(image, mask, self.image_size)
+        if self._cache is not None:
+            self._cache[0][index] = torch.from_numpy(image)
+            self._cache[1][index] = torch.from_numpy(mask)
+            self._cache[2][index] = True
+        return image, mask
+
+    def sample_seed(self, index: int) -> int:
+        """Seed of the random augmentation of sample ``index`` in the current epoch."""
+        sequence = np.random.SeedSequence([self.seed, int(self._epoch), index])
+        return int(sequence.generate_state(1)[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, mask = self.load(index)
+        if self.transform is None:
+            return torch.from_numpy(image.copy()), torch.from_numpy(mask.copy())[None], index
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(self.sample_seed(index))
+        out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(out["mask"], dtype=torch.uint8)[None], index

@@ -1,0 +1,46 @@
+"""Errors a user can act on.
+
+Every error kvseg raises for bad input is a :class:`KvsegError`: its message is one line that names
+the file or key at fault and what was expected. The command-line scripts print that line and exit
+with status 2 instead of showing a traceback (see :func:`kvseg.cli.run_cli`).
+"""
+
+
+class KvsegError(Exception):
+    """Base class of the errors caused by input the user can fix."""
+
+
+class ConfigError(KvsegError):
+    """A configuration file or override has an unknown key, a wrong type or a bad value."""
+
+
+class DatasetError(KvsegError):
+    """A dataset folder does not have the expected layout or content."""
+
+
+class DatasetNotFoundError(DatasetError):
+    """The dataset folder, or its images/ or masks/ folder, does not exist."""
+
+
+class EmptyDatasetError(DatasetError):
+    """The dataset folder holds no images."""
+
+
+class MissingMaskError(DatasetError):
+    """Some images have no mask with the same file stem."""
+
+
+class OrphanMaskError(DatasetError):
+    """Some masks have no image with the same file stem."""
+
+
+class CorruptImageError(DatasetError):
+    """An image or mask file cannot be decoded (unreadable, truncated or not an image)."""
+
+
+class SplitError(DatasetError):
+    """A split file names an id that is not in the dataset, or a split is empty."""
+
+
+class CheckpointError(KvsegError):
+    """A checkpoint or run folder is missing, corrupt or does not match the model."""

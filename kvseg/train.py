@@ -1,0 +1,523 @@
+"""Training with accelerate: data set-up, the epoch loop, evaluation, run folders, checkpoints, resume.
+
+``Accelerator`` does device placement, DDP, mixed precision and gradient accumulation; every piece
+of rank logic goes through it. The loop is two plain functions, :func:`train_one_epoch` and
+:func:`evaluate`, driven by :func:`run_training`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+
+import cv2
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import broadcast_object_list, set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+import kvseg
+from kvseg.augment import build_eval_transform, build_train_transform
+from kvseg.config import Config, DataConfig, config_from_dict, config_to_dict, config_to_yaml, load_config
+from kvseg.data import SegmentationDataset, Split, find_samples, read_split_file, resolve_split, write_split
+from kvseg.errors import CheckpointError, DatasetNotFoundError, KvsegError
+from kvseg.metrics import SegmentationMetrics
+from kvseg.model import UNet, build_model
+from kvseg.plots import plot_loss_curve, plot_metrics
+from kvseg.synthetic import write_synthetic_dataset
+
+DEFAULT_DATA_ROOT = DataConfig.root
+SYNTHETIC_ROOT = "data/synthetic-kvasir-instrument"
+CHECKPOINT_FORMAT = "kvseg-checkpoint-1"
+
+
+class NonFiniteLossError(KvsegError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class RunOptions:
+    """What the command line decides beyond the config."""
+
+    data_dir_given: bool = False  # an explicit data dir must exist: no fall-back to synthetic data
+    resume: str | None = None
+    mixed_precision: str = "auto"  # "auto", "no", "fp16" or "bf16"
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    seconds: float
+    images: int
+    lr: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class RunProgress:
+    """What a resumed run needs besides the accelerate state: the completed epochs."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_iou: float = -1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), so autocast pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def no_accelerator() -> bool:
+    """True when training must run on the CPU: asked for, or no GPU-like device is present.
+
+    ``accelerate launch`` with several processes and no GPU starts them through torchrun without
+    telling them to use the CPU; passing ``cpu=True`` then makes ``Accelerator`` set up gloo DDP.
+    """
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+        return True
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    return not (torch.cuda.is_available() or has_xpu or has_mps)
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """The precision to train in.
+
+    ``auto`` keeps what ``accelerate launch`` was told (``ACCELERATE_MIXED_PRECISION``), except that
+    on a CPU-only machine with native bf16 a launcher value of ``no`` becomes ``bf16``: it is
+    several times faster there. Any explicit value is used as it is.
+    """
+    if requested != "auto":
+        return requested
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher == "no" and no_accelerator() and cpu_supports_bf16():
+        return "bf16"
+    return launcher
+
+
+def prepare_data_root(cfg: Config, options: RunOptions, accelerator: Accelerator) -> Path:
+    """The dataset folder to train on; writes the synthetic stand-in when no dataset is there.
+
+    Falls back to synthetic data only when the default location is empty and no data dir was
+    given explicitly.
+    """
+    root = Path(cfg.data.root)
+    if root.exists():
+        return root
+    if options.data_dir_given or cfg.data.root != DEFAULT_DATA_ROOT:
+        raise DatasetNotFoundError(f"{root}: dataset folder not found (expected images/ and masks/ inside)")
+    synthetic = Path(SYNTHETIC_ROOT)
+    recipe = {
+        "num_images": cfg.data.synthetic_images,
+        "size": cfg.data.synthetic_size,
+        "test_fraction": cfg.data.synthetic_test_fraction,
+        "seed": cfg.data.split_seed,
+        "kvseg_version": kvseg.__version__,
+    }
+    accelerator.print(f"No dataset at {root}; training on the synthetic stand-in in {synthetic}.")
+    with accelerator.main_process_first():
+        recipe_file = synthetic / "synthetic.json"
+        if accelerator.is_main_process and (
+            not recipe_file.is_file() or json.loads(recipe_file.read_text()) != recipe
+        ):
+            shutil.rmtree(synthetic, ignore_errors=True)
+            tmp = synthetic.with_name(synthetic.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_synthetic_dataset(tmp, **{k: v for k, v in recipe.items() if k != "kvseg_version"})
+            (tmp / "synthetic.json").write_text(json.dumps(recipe, indent=2))
+            tmp.rename(synthetic)
+    return synthetic
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: one OpenCV thread each; augmentations are seeded per sample."""
+    cv2.setNumThreads(1)
+
+
+def build_dataloaders(
+    cfg: Config, root: Path, split: Split, pin_memory: bool
+) -> tuple[DataLoader, DataLoader, SegmentationDataset, SegmentationDataset]:
+    """Train and test loaders over ``split``; workers run the albumentations pipelines."""
+    samples = find_samples(root)
+    common = dict(image_size=cfg.data.image_size, mask_threshold=cfg.data.mask_threshold, cache=cfg.data.cache)
+    train_set = SegmentationDataset(
+        [samples[i] for i in split.train], transform=build_train_transform(cfg.augment), seed=cfg.train.seed, **common
+    )
+    test_set = SegmentationDataset([samples[i] for i in split.test], transform=build_eval_transform(cfg.augment), **common)
+    workers = cfg.data.num_workers
+    loader_args = dict(
+        batch_size=cfg.train.batch_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker,
+    )
+    train_loader = DataLoader(train_set, shuffle=True, **loader_args)
+    test_loader = DataLoader(test_set, shuffle=False, **loader_args)
+    return train_loader, test_loader, train_set, test_set
+
+
+def collect_environment(accelerator: Accelerator) -> dict:
+    """Versions, devices, process count and precision of this run, saved in the run folder."""
+    packages = {}
+    for name in ("torch", "accelerate", "albumentations", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "scikit-learn"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "kvseg": kvseg.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "packages": packages,
+        "device": str(accelerator.device),
+        "cuda_devices": devices,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of a run
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: object) -> object:
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def json_safe(value: object) -> object:
+    """NaN and infinities become None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def save_model_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, metrics: dict | None) -> None:
+    """A self-describing model checkpoint (weights, config, metrics), written atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "kvseg_version": kvseg.__version__,
+        "epoch": epoch,
+        "config": config_to_dict(cfg),
+        "metrics": json_safe(metrics),
+        "model": state,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_model_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by :func:`save_model_checkpoint` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint ({reason}); expected a kvseg .pt file") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a kvseg checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def new_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """``output_dir/run_name`` (a time stamp by default), the same on every process."""
+    name = [cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")]
+    broadcast_object_list(name)
+    run_dir = Path(cfg.output_dir) / name[0]
+    if accelerator.is_main_process:
+        if (run_dir / "checkpoints").exists():
+            raise CheckpointError(f"{run_dir}: run folder already holds checkpoints; use --resume {run_dir} or another name")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def state_dir_of(run_dir: Path) -> Path:
+    """The accelerate state of the last completed epoch, falling back to one left by a crashed swap."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    for candidate in (checkpoints / "state", checkpoints / "state.old"):
+        if (candidate / "progress.json").is_file():
+            return candidate
+    raise CheckpointError(f"{run_dir}: no checkpoint to resume from (expected checkpoints/state/progress.json)")
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, progress: RunProgress) -> None:
+    """``save_state`` into a fresh folder, then swap it in: a crash leaves the previous state whole."""
+    checkpoints = run_dir / "checkpoints"
+    tmp, current, old = checkpoints / "state.tmp", checkpoints / "state", checkpoints / "state.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        payload = {"epoch": progress.epoch, "history": progress.history, "best_iou": progress.best_iou}
+        write_json_atomic(tmp / "progress.json", payload)
+        shutil.rmtree(old, ignore_errors=True)
+        if current.exists():
+            current.rename(old)
+        tmp.rename(current)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: torch.nn.Module,
+    accelerator: Accelerator,
+    channels_last: bool,
+    description: str,
+) -> EpochStats:
+    """One pass over ``loader``; the loss is averaged over all samples on all processes."""
+    model.train()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]}"), transient=True, disable=not accelerator.is_main_process,
+    )
+    with progress:
+        task = progress.add_task(description, total=len(loader), loss="-")
+        for step, (images, masks, _) in enumerate(loader):
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model):
+                logits = model(images)
+                loss = loss_fn(logits.float(), masks.float())
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().double() * len(images)
+            count += len(images)
+            if step % 10 == 0 and accelerator.is_main_process:
+                progress.update(task, loss=f"{loss.item():.4f}")
+            progress.advance(task)
+    loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
+    return EpochStats(
+        loss=float(loss_sum / count),
+        seconds=time.perf_counter() - start,
+        images=int(count),
+        lr=optimizer.param_groups[0]["lr"],
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, threshold: float, channels_last: bool) -> dict:
+    """Test loss and every metric of :class:`~kvseg.metrics.SegmentationMetrics` over ``loader``.
+
+    Outputs of all processes are gathered with ``gather_for_metrics``, which drops the samples that
+    were repeated to even out the last batch: each image counts exactly once.
+    """
+    model.eval()
+    metrics = SegmentationMetrics(threshold=threshold)
+    for images, masks, _ in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images).float()
+        logits, masks = accelerator.gather_for_metrics((logits.contiguous(), masks))
+        metrics.update(logits, masks)
+    result = metrics.compute()
+    result["per_image_iou"] = [float(v) for v in metrics.per_image()["iou"]]
+    return result
+
+
+def _epoch_line(epoch: int, epochs: int, stats: EpochStats) -> str:
+    return (
+        f"Epoch [{epoch}/{epochs}], Average Loss: {stats.loss:.4f}, "
+        f"time {stats.seconds:.1f}s, {stats.images_per_s:.1f} images/s"
+    )
+
+
+def _eval_line(metrics: dict) -> str:
+    return (
+        f"Test Loss: {metrics['loss']:.4f}, IoU: {metrics['per_image']['iou']:.4f} (per-image) "
+        f"{metrics['dataset']['iou']:.4f} (dataset), Dice: {metrics['per_image']['dice']:.4f}, "
+        f"AP: {metrics['average_precision']:.4f}, ROC AUC: {metrics['roc_auc']:.4f}"
+    )
+
+
+def _use_sync_batchnorm(cfg: Config, accelerator: Accelerator) -> bool:
+    if cfg.train.sync_batchnorm == "auto":
+        return accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+    return cfg.train.sync_batchnorm == "on"
+
+
+def _resume_progress(run_dir: Path, cfg: Config) -> tuple[Path, RunProgress, Split]:
+    state_dir = state_dir_of(run_dir)
+    stored = json.loads((state_dir / "progress.json").read_text())
+    previous = load_config(run_dir / "config.yaml")
+    if previous.model != cfg.model or previous.data.image_size != cfg.data.image_size:
+        raise CheckpointError(
+            f"{run_dir}: checkpoint was trained with model {previous.model} at image size {previous.data.image_size}; "
+            f"cannot resume with model {cfg.model} at image size {cfg.data.image_size}"
+        )
+    samples = find_samples(cfg.data.root)
+    split = Split(
+        read_split_file(run_dir / "train.txt", samples), read_split_file(run_dir / "test.txt", samples), "run folder"
+    )
+    progress = RunProgress(epoch=stored["epoch"], history=stored["history"], best_iou=stored["best_iou"])
+    return state_dir, progress, split
+
+
+def run_training(cfg: Config, options: RunOptions) -> Path:
+    """Train ``cfg`` end to end and return the run folder; see the README for what it holds."""
+    accelerator = Accelerator(
+        cpu=no_accelerator(),
+        mixed_precision=resolve_mixed_precision(options.mixed_precision),
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+    )
+    if options.resume:
+        run_dir = Path(options.resume)
+        state_dir, progress, split = _resume_progress(run_dir, cfg)
+        root = Path(cfg.data.root)
+    else:
+        root = prepare_data_root(cfg, options, accelerator)
+        cfg.data.root = str(root)
+        samples = find_samples(root)
+        split = resolve_split(root, samples, cfg.data.split_seed, cfg.data.test_fraction)
+        run_dir = new_run_dir(cfg, accelerator)
+        state_dir, progress = None, RunProgress()
+        if accelerator.is_main_process:
+            write_split(split, run_dir)
+            (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    accelerator.print(config_to_yaml(cfg).rstrip())
+    accelerator.print(
+        f"Run folder {run_dir}; data {root} ({len(split.train)} train / {len(split.test)} test, split from {split.source}); "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+    )
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "environment.json", collect_environment(accelerator))
+
+    set_seed(cfg.train.seed)
+    model: torch.nn.Module = build_model(cfg.model)
+    if _use_sync_batchnorm(cfg, accelerator):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.train.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    accelerator.register_for_checkpointing(scheduler)
+    train_loader, test_loader, train_set, _ = build_dataloaders(cfg, root, split, pin_memory=accelerator.device.type == "cuda")
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    if state_dir is not None:
+        try:
+            accelerator.load_state(str(state_dir))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise CheckpointError(f"{state_dir}: cannot load training state ({reason})") from None
+        accelerator.print(f"Resumed from {state_dir} after epoch {progress.epoch}")
+
+    epochs = cfg.train.epochs
+    metrics = None
+    for epoch in range(progress.epoch + 1, epochs + 1):
+        train_loader.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        stats = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, accelerator, cfg.train.channels_last, f"epoch {epoch}/{epochs}"
+        )
+        if not math.isfinite(stats.loss):
+            raise NonFiniteLossError(
+                f"epoch {epoch}: training loss is {stats.loss}; stopped (last good checkpoint: "
+                f"{run_dir / 'checkpoints'}, epoch {progress.epoch}); try a lower train.lr or --mixed-precision no"
+            )
+        scheduler.step()
+        accelerator.print(_epoch_line(epoch, epochs, stats))
+        record = {
+            "epoch": epoch, "train_loss": stats.loss, "test_loss": None, "seconds": stats.seconds,
+            "images_per_s": stats.images_per_s, "lr": stats.lr,
+        }
+        evaluate_now = epoch == epochs or (cfg.train.eval_every > 0 and epoch % cfg.train.eval_every == 0)
+        metrics = None
+        if evaluate_now:
+            metrics = evaluate(model, test_loader, accelerator, cfg.train.threshold, cfg.train.channels_last)
+            record["test_loss"] = metrics["loss"]
+            record["test_iou"] = metrics["per_image"]["iou"]
+            accelerator.print(_eval_line(metrics))
+        progress.epoch = epoch
+        progress.history.append(record)
+        unwrapped = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            save_model_checkpoint(run_dir / "checkpoints" / "last.pt", unwrapped, cfg, epoch, metrics)
+            if metrics is not None and metrics["per_image"]["iou"] > progress.best_iou:
+                progress.best_iou = metrics["per_image"]["iou"]
+                save_model_checkpoint(run_dir / "checkpoints" / "best.pt", unwrapped, cfg, epoch, metrics)
+            write_json_atomic(run_dir / "history.json", json_safe(progress.history))
+        save_training_state(accelerator, run_dir, progress)
+
+    if metrics is None:  # resumed a run that had already finished: evaluate the final weights again
+        metrics = evaluate(model, test_loader, accelerator, cfg.train.threshold, cfg.train.channels_last)
+        accelerator.print(_eval_line(metrics))
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "metrics.json", json_safe({"epoch": progress.epoch, **metrics}))
+        plot_loss_curve(progress.history, run_dir / "loss_curve.png")
+        plot_metrics(metrics, run_dir / "metrics.png")
+    accelerator.print(f"Wrote {run_dir}")
+    accelerator.end_training()
+    return run_dir
+
+
+def load_trained_model(checkpoint: str | Path) -> tuple[UNet, dict]:
+    """The U-Net of a kvseg checkpoint, in eval mode, and the checkpoint's payload."""
+    payload = load_model_checkpoint(checkpoint)
+    cfg = config_from_dict(payload["config"])
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: weights do not match the U-Net in its config ({str(exc).splitlines()[0]})") from None
+    return model.eval(), payload
