@@ -30,9 +30,9 @@ class DataConfig:
     test_fraction: float = 0.2  # used only when the folder has no train.txt / test.txt
     split_seed: int = 0
     cache: bool = True  # keep decoded, resized images in shared memory after first read
-    num_workers: int = 2
+    num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per process (at least 1)
     # The synthetic stand-in written when ``root`` does not exist and no data dir was given.
-    synthetic_images: int = 200
+    synthetic_images: int = 240
     synthetic_test_fraction: float = 0.2
     synthetic_size: int = 192
 
@@ -64,7 +64,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and evaluation schedule."""
 
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 8  # per process
     lr: float = 3e-3
     weight_decay: float = 0.0

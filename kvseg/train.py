@@ -155,8 +155,13 @@ def _seed_worker(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+def default_num_workers(num_processes: int) -> int:
+    """One worker fewer than the cores each process gets, at least one, at most eight."""
+    return max(1, min(8, (os.cpu_count() or 1) // num_processes - 1))
+
+
 def build_dataloaders(
-    cfg: Config, root: Path, split: Split, pin_memory: bool
+    cfg: Config, root: Path, split: Split, pin_memory: bool, num_processes: int = 1
 ) -> tuple[DataLoader, DataLoader, SegmentationDataset, SegmentationDataset]:
     """Train and test loaders over ``split``; workers run the albumentations pipelines."""
     samples = find_samples(root)
@@ -165,7 +170,7 @@ def build_dataloaders(
         [samples[i] for i in split.train], transform=build_train_transform(cfg.augment), seed=cfg.train.seed, **common
     )
     test_set = SegmentationDataset([samples[i] for i in split.test], transform=build_eval_transform(cfg.augment), **common)
-    workers = cfg.data.num_workers
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(num_processes)
     loader_args = dict(
         batch_size=cfg.train.batch_size,
         num_workers=workers,
@@ -320,9 +325,12 @@ def train_one_epoch(
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    # The bar redraws from a thread that competes for the GIL: keep it slow, and off when
+    # the output is not a terminal (logs, CI), where it shows nothing anyway.
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("loss {task.fields[loss]}"), transient=True, disable=not accelerator.is_main_process,
+        TextColumn("loss {task.fields[loss]}"), transient=True, refresh_per_second=2,
+        disable=not (accelerator.is_main_process and sys.stdout.isatty()),
     )
     with progress:
         task = progress.add_task(description, total=len(loader), loss="-")
@@ -450,7 +458,9 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     accelerator.register_for_checkpointing(scheduler)
-    train_loader, test_loader, train_set, _ = build_dataloaders(cfg, root, split, pin_memory=accelerator.device.type == "cuda")
+    train_loader, test_loader, train_set, _ = build_dataloaders(
+        cfg, root, split, pin_memory=accelerator.device.type == "cuda", num_processes=accelerator.num_processes
+    )
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 

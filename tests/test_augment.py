@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from kvseg.augment import build_eval_transform, build_train_transform
+from kvseg.config import AugmentConfig
+from kvseg.data import Sample, SegmentationDataset
+from kvseg.synthetic import write_synthetic_dataset
+
+
+def _pattern(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """An asymmetric mask, and an image whose brightness is that mask (so alignment is visible)."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[8:40, 10:20] = 1
+    mask[30:36, 20:56] = 1
+    image = np.repeat(mask[..., None] * 255, 3, axis=2).astype(np.uint8)
+    return image, mask
+
+
+def _unnormalise(image: torch.Tensor, cfg: AugmentConfig) -> np.ndarray:
+    mean = torch.tensor(cfg.mean)[:, None, None]
+    std = torch.tensor(cfg.std)[:, None, None]
+    return ((image * std + mean) * 255).numpy().mean(axis=0)
+
+
+@pytest.mark.parametrize("which", ["rotate", "rotate90", "hflip", "vflip", "transpose", "all"])
+def test_image_and_mask_move_together_and_mask_stays_binary(which: str) -> None:
+    probabilities = {"rotate_p": 0.0, "rotate90_p": 0.0, "hflip_p": 0.0, "vflip_p": 0.0, "transpose_p": 0.0}
+    if which == "all":
+        probabilities = {k: 1.0 for k in probabilities}
+    else:
+        probabilities[f"{which}_p"] = 1.0
+    cfg = AugmentConfig(rotate_limit=40, **probabilities)
+    transform = build_train_transform(cfg)
+    image, mask = _pattern()
+    changed = 0
+    for seed in range(8):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        out_mask = np.asarray(out["mask"])
+        assert set(np.unique(out_mask)) <= {0, 1}
+        assert out["image"].shape == (3, 64, 64) and out["image"].dtype == torch.float32
+        bright = _unnormalise(out["image"], cfg) > 127
+        disagreement = np.mean(bright != out_mask.astype(bool))
+        assert disagreement < (0.02 if which in ("rotate", "all") else 1e-9)
+        changed += not np.array_equal(out_mask, mask)
+    assert changed >= 4  # the transform really does something
+
+
+def test_eval_transform_is_deterministic() -> None:
+    image, mask = _pattern()
+    transform = build_eval_transform(AugmentConfig())
+    first, second = transform(image=image, mask=mask), transform(image=image, mask=mask)
+    assert torch.equal(first["image"], second["image"])
+    assert np.array_equal(np.asarray(first["mask"]), mask)
+
+
+@pytest.fixture(scope="module")
+def same_image_dataset(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
+    """Eight samples that are all the same file: any difference in a batch comes from augmentation."""
+    root = write_synthetic_dataset(tmp_path_factory.mktemp("one") / "d", num_images=2, size=64, seed=1)
+    one = Sample("x", root / "images" / "synth0000.jpg", root / "masks" / "synth0000.png")
+    return [one] * 8
+
+
+def _epoch_batches(samples: list[Sample], epoch: int, seed: int = 0, workers: int = 2) -> list[torch.Tensor]:
+    dataset = SegmentationDataset(samples, 64, build_train_transform(AugmentConfig()), seed=seed)
+    dataset.set_epoch(epoch)
+    loader = DataLoader(dataset, batch_size=2, num_workers=workers)
+    return [images for images, _, _ in loader]
+
+
+def test_augmentation_differs_across_workers_and_epochs_and_repeats_for_a_seed(same_image_dataset: list[Sample]) -> None:
+    epoch1 = _epoch_batches(same_image_dataset, epoch=1)
+    # batches 0 and 1 come from different workers (round-robin); identical input files
+    assert not torch.equal(epoch1[0], epoch1[1])
+    epoch2 = _epoch_batches(same_image_dataset, epoch=2)
+    assert not torch.equal(torch.cat(epoch1), torch.cat(epoch2))
+    assert sum(torch.equal(a, b) for a, b in zip(epoch1, epoch2)) <= 1
+    again = _epoch_batches(same_image_dataset, epoch=1, workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, again))
+    other_seed = _epoch_batches(same_image_dataset, epoch=1, seed=1)
+    assert not all(torch.equal(a, b) for a, b in zip(epoch1, other_seed))

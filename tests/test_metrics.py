@@ -1,0 +1,114 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    jaccard_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from kvseg.metrics import SegmentationMetrics, scores_from_counts
+
+BIG = 30.0  # a logit far from the threshold
+
+
+def _batch(prediction: list[list[int]], target: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.tensor(prediction, dtype=torch.float32)[None, None]
+    t = torch.tensor(target, dtype=torch.float32)[None, None]
+    return (p * 2 - 1) * BIG, t
+
+
+def test_hand_computed_case() -> None:
+    # 2x3 image: tp=2, fp=1, fn=1, tn=2
+    logits, masks = _batch([[1, 1, 1], [0, 0, 0]], [[1, 1, 0], [1, 0, 0]])
+    metrics = SegmentationMetrics()
+    metrics.update(logits, masks)
+    result = metrics.compute()
+    assert result["confusion_matrix"] == {"tn": 2, "fp": 1, "fn": 1, "tp": 2}
+    assert result["dataset"]["iou"] == pytest.approx(2 / 4)
+    assert result["dataset"]["dice"] == pytest.approx(4 / 6)
+    assert result["dataset"]["precision"] == pytest.approx(2 / 3)
+    assert result["dataset"]["recall"] == pytest.approx(2 / 3)
+    assert result["dataset"]["accuracy"] == pytest.approx(4 / 6)
+    assert result["dataset"]["specificity"] == pytest.approx(2 / 3)
+    assert result["per_image"] == result["dataset"]
+    # perfect ranking of saturated logits: AP and AUC are not 1 because the fp/fn pixels are wrong
+    assert result["loss"] == pytest.approx(2 / 6 * BIG, rel=1e-4)
+
+
+def test_empty_mask_and_empty_prediction() -> None:
+    scores = scores_from_counts(np.array([0, 0]), np.array([0, 3]), np.array([0, 0]), np.array([16, 13]))
+    assert scores["iou"].tolist() == [1.0, 0.0]  # both empty: perfect; false positives only: zero
+    assert scores["dice"].tolist() == [1.0, 0.0]
+    assert scores["precision"].tolist() == [1.0, 0.0]
+    assert scores["recall"].tolist() == [1.0, 0.0]
+    assert scores["specificity"][0] == 1.0
+
+
+def test_per_image_mean_differs_from_dataset_level() -> None:
+    metrics = SegmentationMetrics()
+    metrics.update(*_batch([[1, 1], [1, 1]], [[1, 1], [1, 1]]))  # IoU 1 on 4 pixels
+    metrics.update(*_batch([[1, 0], [0, 0]], [[0, 1], [0, 0]]))  # IoU 0
+    result = metrics.compute()
+    assert result["per_image"]["iou"] == pytest.approx(0.5)
+    assert result["dataset"]["iou"] == pytest.approx(4 / 6)
+    assert metrics.num_images == 2
+
+
+def test_agrees_with_scikit_learn_and_batching_does_not_matter() -> None:
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(10, 1, 24, 24, generator=generator) > 0.7).float()
+    logits = torch.randn(10, 1, 24, 24, generator=generator) * 2.5 + (masks * 2 - 1) * 1.5
+    whole, batched = SegmentationMetrics(), SegmentationMetrics()
+    whole.update(logits, masks)
+    for start in range(0, 10, 3):
+        batched.update(logits[start : start + 3], masks[start : start + 3])
+    result = batched.compute()
+    assert result == whole.compute()
+    y, s = masks.flatten().numpy(), logits.flatten().numpy()
+    predicted = s > 0
+    assert result["dataset"]["iou"] == pytest.approx(jaccard_score(y, predicted))
+    assert result["dataset"]["dice"] == pytest.approx(f1_score(y, predicted))
+    assert result["dataset"]["precision"] == pytest.approx(precision_score(y, predicted))
+    assert result["dataset"]["recall"] == pytest.approx(recall_score(y, predicted))
+    assert result["dataset"]["accuracy"] == pytest.approx(accuracy_score(y, predicted))
+    assert abs(result["average_precision"] - average_precision_score(y, s)) < 1e-3
+    assert abs(result["roc_auc"] - roc_auc_score(y, s)) < 1e-3
+    per_image_iou = [jaccard_score(masks[i].flatten(), logits[i].flatten() > 0) for i in range(10)]
+    assert result["per_image"]["iou"] == pytest.approx(np.mean(per_image_iou))
+    expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, masks).item()
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_saturated_logits_stay_within_tolerance() -> None:
+    generator = torch.Generator().manual_seed(1)
+    masks = (torch.rand(4, 1, 32, 32, generator=generator) > 0.8).float()
+    logits = torch.randn(4, 1, 32, 32, generator=generator) * 12 + (masks * 2 - 1) * 6
+    metrics = SegmentationMetrics()
+    metrics.update(logits, masks)
+    result = metrics.compute()
+    y, s = masks.flatten().numpy(), logits.flatten().numpy()
+    assert abs(result["average_precision"] - average_precision_score(y, s)) < 1e-3
+    assert abs(result["roc_auc"] - roc_auc_score(y, s)) < 1e-3
+
+
+def test_threshold_is_applied_on_probabilities() -> None:
+    logits = torch.tensor([[[[0.5, 1.5]]]])  # probabilities 0.62, 0.82
+    masks = torch.tensor([[[[1.0, 1.0]]]])
+    strict = SegmentationMetrics(threshold=0.7)
+    strict.update(logits, masks)
+    assert strict.compute()["confusion_matrix"]["tp"] == 1
+
+
+def test_no_positive_pixel_gives_nan_ranking_scores() -> None:
+    metrics = SegmentationMetrics()
+    metrics.update(torch.full((1, 1, 4, 4), -BIG), torch.zeros(1, 1, 4, 4))
+    result = metrics.compute()
+    assert math.isnan(result["average_precision"]) and math.isnan(result["roc_auc"])
+    assert result["per_image"]["iou"] == 1.0
