@@ -1,0 +1,184 @@
+"""train_ddp.py through its command line: accelerate launch with two CPU processes, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvseg.train import load_trained_model, state_dir_of
+
+from conftest import REPO
+
+TINY = ["--image-size", "64", "--batch-size", "4", "--num-workers", "1", "--set", "model.base_channels=8", "--set", "model.depth=3"]
+TWO_CPU_PROCESSES = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml")]
+SINGLE = ["accelerate", "launch", "--num_processes", "1", "--cpu"]
+
+
+def _command(launcher: list[str], *args: str) -> list[str]:
+    return [*launcher, str(REPO / "train_ddp.py"), *args]
+
+
+def run(launcher: list[str], *args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(_command(launcher, *args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_process_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("runs")
+    result = run(TWO_CPU_PROCESSES, "--data-dir", str(synthetic_root), "--epochs", "2", "--output-dir", str(out),
+                 "--run-name", "ddp", *TINY, cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "ddp", result
+
+
+def test_two_processes_print_one_line_per_epoch(two_process_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    _, result = two_process_run
+    lines = result.stdout.splitlines()
+    assert "2 process(es)" in result.stdout
+    for epoch in (1, 2):
+        matching = [line for line in lines if line.startswith(f"Epoch [{epoch}/2], Average Loss: ")]
+        assert len(matching) == 1, result.stdout  # main process only
+        assert "images/s" in matching[0]
+    assert sum(line.startswith("Test Loss: ") for line in lines) == 1
+
+
+def test_run_folder_contents(two_process_run: tuple[Path, subprocess.CompletedProcess], synthetic_root: Path) -> None:
+    run_dir, _ = two_process_run
+    for name in ("config.yaml", "train.txt", "test.txt", "environment.json", "history.json", "metrics.json",
+                 "loss_curve.png", "metrics.png", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "checkpoints/state/progress.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["test_loss"] is not None
+    assert all(h["images_per_s"] > 0 and h["seconds"] > 0 for h in history)
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["num_processes"] == 2
+    metrics = _metrics(run_dir)
+    test_ids = (synthetic_root / "test.txt").read_text().split()
+    assert metrics["num_images"] == len(test_ids) == len(metrics["per_image_iou"])  # no padded duplicates
+    cm = metrics["confusion_matrix"]
+    assert sum(cm.values()) == len(test_ids) * 64 * 64
+    model, payload = load_trained_model(run_dir / "checkpoints" / "last.pt")
+    assert payload["epoch"] == 2 and payload["config"]["model"]["base_channels"] == 8
+    assert payload["metrics"]["per_image"]["iou"] == pytest.approx(metrics["per_image"]["iou"])
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_one_process_evaluation_equals_two(two_process_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
+    run_dir, _ = two_process_run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))
+    two = _metrics(copy)
+    # Resuming a finished run evaluates its final weights again, here in a single process.
+    result = run(SINGLE, "--resume", str(copy), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = _metrics(copy)
+    assert one["confusion_matrix"] == two["confusion_matrix"]
+    assert one["num_images"] == two["num_images"]
+    assert one["per_image"]["iou"] == pytest.approx(two["per_image"]["iou"], abs=1e-9)
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert one["roc_auc"] == pytest.approx(two["roc_auc"], abs=1e-6)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_root: Path, tmp_path: Path) -> None:
+    args = ["--data-dir", str(synthetic_root), "--epochs", "3", "--output-dir", str(tmp_path), "--batch-size", "2",
+            *TINY[2:]]
+    reference = run(TWO_CPU_PROCESSES, *args, "--run-name", "whole", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(_command(TWO_CPU_PROCESSES, *args, "--run-name", "killed"), cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    progress = killed_dir / "checkpoints" / "state" / "progress.json"
+    deadline = time.monotonic() + 180
+    while not progress.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both training processes, mid-epoch 2
+    process.wait()
+    assert json.loads(progress.read_text())["epoch"] == 1
+    assert not (killed_dir / "metrics.json").exists()
+
+    resumed = run(TWO_CPU_PROCESSES, "--resume", str(killed_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and "Epoch [1/3]" not in resumed.stdout
+    whole, again = _metrics(tmp_path / "whole"), _metrics(killed_dir)
+    assert again["confusion_matrix"] == whole["confusion_matrix"]
+    assert again["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    history = json.loads((killed_dir / "history.json").read_text())
+    reference_history = json.loads((tmp_path / "whole" / "history.json").read_text())
+    assert [h["train_loss"] for h in history] == pytest.approx([h["train_loss"] for h in reference_history], rel=1e-6)
+
+
+def test_state_left_by_a_crashed_swap_is_still_found(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "state.old").mkdir(parents=True)
+    (checkpoints / "state.old" / "progress.json").write_text("{}")
+    (checkpoints / "state.tmp").mkdir()  # half-written, no progress.json
+    assert state_dir_of(tmp_path / "run") == checkpoints / "state.old"
+
+
+def _error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train_ddp.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_missing_data_dir_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    message = _error(_python("--data-dir", str(tmp_path / "nope"), cwd=tmp_path))
+    assert str(tmp_path / "nope") in message and "not found" in message
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "train.learning_rate=1"], "train.learning_rate"),
+    (["--set", "train.lr=abc"], "train.lr"),
+    (["--image-size", "70"], "data.image_size"),
+])
+def test_bad_config(tmp_path: Path, args: list[str], expected: str) -> None:
+    assert expected in _error(_python(*args, cwd=tmp_path))
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: many\n")
+    message = _error(_python("--config", str(path), cwd=tmp_path))
+    assert "bad.yaml" in message and "train.epochs" in message
+
+
+def test_corrupt_image_names_the_file(dataset_copy: Path, tmp_path: Path) -> None:
+    broken = dataset_copy / "images" / "synth0007.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    message = _error(_python("--data-dir", str(dataset_copy), "--epochs", "1", "--output-dir", str(tmp_path / "runs"),
+                             *TINY, cwd=tmp_path))
+    assert "synth0007.jpg" in message and "cannot decode" in message
+
+
+def test_resume_errors(two_process_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
+    run_dir, _ = two_process_run
+    assert "not a run folder" in _error(_python("--resume", str(tmp_path), cwd=tmp_path))
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))
+    message = _error(_python("--resume", str(copy), "--set", "model.base_channels=16", cwd=tmp_path))
+    assert "cannot resume" in message
+    shutil.rmtree(copy / "checkpoints" / "state")
+    assert "no checkpoint to resume from" in _error(_python("--resume", str(copy), cwd=tmp_path))
