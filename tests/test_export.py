@@ -1,0 +1,122 @@
+"""export.py and kvseg.export: parity at another shape, metadata, int8, fail-closed, errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import kvseg.export
+from kvseg.errors import CheckpointError
+from kvseg.export import VerificationError, export_run, load_for_export, read_metadata
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("export") / "run"))
+    result = subprocess.run([sys.executable, str(REPO / "export.py"), "--run", str(run_dir), "--fp16", "--int8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_onnx_matches_pytorch_at_another_batch_and_size(exported: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, _ = exported
+    model, _, _ = load_for_export(run_dir / "checkpoints" / "best.pt")
+    session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).normal(size=(3, 3, 80, 48)).astype(np.float32)  # exported at (1, 3, 64, 64)
+    got = session.run(["logits"], {"image": x})[0]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert got.shape == (3, 1, 80, 48)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_interface_and_checker(exported: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, _ = exported
+    model = onnx.load(str(run_dir / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    (image,), (logits,) = model.graph.input, model.graph.output
+    assert (image.name, logits.name) == ("image", "logits")
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(image) == ["batch", 3, "height", "width"]
+    assert dims(logits) == ["batch", 1, "height", "width"]
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_metadata_round_trip(exported: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, _ = exported
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16"), ("model_int8.onnx", "int8")):
+        meta = read_metadata(run_dir / name)
+        assert meta["precision"] == precision
+        assert meta["image_size"] == 64 and meta["input_multiple"] == 8 and meta["depth"] == 3
+        assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["threshold"] == 0.5
+        assert meta["config"] == checkpoint["config"]
+        assert meta["metrics"]["per_image"]["iou"] == pytest.approx(checkpoint["metrics"]["per_image"]["iou"])
+
+
+def test_fp16_and_int8_report_their_iou_change(exported: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, result = exported
+    import json
+
+    report = json.loads((run_dir / "export.json").read_text())
+    by_precision = {m["precision"]: m for m in report["models"]}
+    assert set(by_precision) == {"fp32", "fp16", "int8"}
+    assert by_precision["fp32"]["parity"]["max_abs_diff"] <= 1e-4
+    assert by_precision["int8"]["size_bytes"] < by_precision["fp16"]["size_bytes"] < by_precision["fp32"]["size_bytes"]
+    assert abs(by_precision["int8"]["iou_change"]) <= 0.01
+    assert by_precision["int8"]["parity"]["max_abs_diff"] > 1e-4  # really quantised
+    assert "test IoU" in result.stdout and "int8" in result.stdout
+    quantized = onnx.load(str(run_dir / "model_int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+
+
+def test_failed_verification_leaves_no_model(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kvseg.export, "FP32_MAX_ABS", 0.0)
+    output = tmp_path / "model.onnx"
+    with pytest.raises(VerificationError, match=r"max \|logit diff\|"):
+        export_run(tiny_run / "checkpoints" / "best.pt", output, run_dir=tiny_run, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _export_error(*args: str) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "export.py"), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_errors(tiny_run: Path, tmp_path: Path) -> None:
+    assert "run folder not found" in _export_error("--run", str(tmp_path / "nope"))
+    assert "no run with checkpoints" in _export_error("--runs-dir", str(tmp_path))
+    assert "checkpoint not found" in _export_error("--checkpoint", str(tmp_path / "missing.pt"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    assert "cannot read checkpoint" in _export_error("--checkpoint", str(garbage))
+    payload = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    payload["config"]["model"]["base_channels"] = 16
+    other = tmp_path / "other.pt"
+    torch.save(payload, other)
+    assert "do not fit" in _export_error("--checkpoint", str(other))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = _export_error("--run", str(tiny_run), "--output", str(blocker / "model.onnx"), "--no-verify")
+    assert "cannot write" in message
+
+
+def test_checkpoint_loader_rejects_foreign_files(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="not a kvseg checkpoint"):
+        load_for_export(path)
