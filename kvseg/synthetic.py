@@ -12,6 +12,9 @@ grey at every brightness, highlights on tissue are white, and the vignette darke
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import cv2
@@ -154,30 +157,42 @@ def make_example(rng: np.random.Generator, height: int, width: int) -> tuple[np.
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask
 
 
+def _write_example(root: Path, name: str, seed: np.random.SeedSequence, height: int, width: int) -> None:
+    image, mask = make_example(np.random.default_rng(seed), height, width)
+    cv2.imwrite(str(root / "images" / f"{name}.jpg"), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+    cv2.imwrite(str(root / "masks" / f"{name}.png"), mask * 255)
+
+
 def write_synthetic_dataset(
     root: str | Path,
     num_images: int = 200,
     size: int = 192,
     test_fraction: float = 0.2,
     seed: int = 0,
+    workers: int | None = None,
 ) -> Path:
     """Write a Kvasir-Instrument-like dataset to ``root`` and return it.
 
-    ``size`` is the image height; width is 5/4 of it, as in many endoscopy frames. The same
-    ``seed`` writes the same files. Existing files in ``root`` are overwritten.
+    ``size`` is the image height; width is 5/4 of it, as in many endoscopy frames. Each image has a
+    seed of its own drawn from ``seed``, so the same ``seed`` writes the same files whatever the
+    number of ``workers`` (processes; default: one per core). Existing files are overwritten.
     """
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    sequence = np.random.SeedSequence(seed)
+    image_seeds = sequence.spawn(num_images)
     width = int(round(size * 1.25))
     ids = [f"synth{i:04d}" for i in range(num_images)]
-    for name in ids:
-        image, mask = make_example(rng, size, width)
-        cv2.imwrite(str(root / "images" / f"{name}.jpg"), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
-        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask * 255)
+    workers = min(workers or os.cpu_count() or 1, num_images)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_example, repeat(root), ids, image_seeds, repeat(size), repeat(width), chunksize=8))
+    else:
+        for name, image_seed in zip(ids, image_seeds):
+            _write_example(root, name, image_seed, size, width)
     n_test = min(num_images - 1, max(1, round(test_fraction * num_images)))
-    order = rng.permutation(num_images)
+    order = np.random.default_rng(sequence.spawn(1)[0]).permutation(num_images)
     test = sorted(ids[i] for i in order[:n_test])
     train = sorted(ids[i] for i in order[n_test:])
     for filename, split in zip(SPLIT_FILES, (train, test)):

@@ -52,3 +52,12 @@ def test_not_separable_by_a_colour_threshold(synthetic_root: Path) -> None:
     # A trained U-Net reaches IoU > 0.8 on this data (tests/test_train_loop.py, README); one
     # threshold on one channel stays far below.
     assert best_threshold_iou(images, masks) < 0.45
+
+
+def test_same_files_whatever_the_number_of_workers(tmp_path: Path) -> None:
+    one = write_synthetic_dataset(tmp_path / "one", num_images=5, size=48, seed=2, workers=1)
+    two = write_synthetic_dataset(tmp_path / "two", num_images=5, size=48, seed=2, workers=2)
+    for folder in ("images", "masks"):
+        for path in sorted((one / folder).iterdir()):
+            assert path.read_bytes() == (two / folder / path.name).read_bytes()
+    assert (one / "test.txt").read_text() == (two / "test.txt").read_text()

@@ -1,0 +1,91 @@
+"""Benchmark a trained kvseg run: PyTorch vs ONNX Runtime latency, IoU parity, training speed.
+
+    python benchmark.py                          # newest run under runs/, every backend that loads here
+    python benchmark.py --run runs/NAME --batch-sizes 1,8 --iters 50 --warmup 10
+    python benchmark.py --backends torch-fp32,ort-fp32,ort-int8 --train-steps 0 --json bench.json
+
+Exports the run's ONNX models first when they are missing. Prints the tables and writes
+RUN_DIR/benchmark.json and RUN_DIR/benchmark.md (plus --json / --markdown copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.markdown import Markdown
+
+from kvseg.bench import BACKENDS, benchmark_run, to_markdown
+from kvseg.cli import run_cli
+from kvseg.errors import KvsegError
+from kvseg.export import checkpoint_of, export_run, latest_run
+from kvseg.train import write_json_atomic
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive batch sizes, got {text!r}")
+    return values
+
+
+def _backends(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="run folder (default: the newest under --runs-dir)")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--backends", type=_backends, default=list(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
+    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma-separated (default 1,8)")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per backend and batch size")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
+    parser.add_argument("--train-steps", type=int, default=20, help="timed training steps per loop (0: skip)")
+    parser.add_argument("--data-dir", help="dataset folder, when it moved since training")
+    parser.add_argument("--json", help="also write the JSON report here")
+    parser.add_argument("--markdown", help="also write the Markdown report here")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.iters < 1 or args.warmup < 0 or args.train_steps < 0:
+        raise KvsegError("--iters must be at least 1, --warmup and --train-steps at least 0")
+    console = Console()
+    run_dir = Path(args.run) if args.run else latest_run(args.runs_dir)
+    checkpoint = checkpoint_of(run_dir)
+    needed = {"ort-int8": "model_int8.onnx", "ort-cuda-fp16": "model_fp16.onnx"}
+    missing = not (run_dir / "model.onnx").is_file() or any(
+        not (run_dir / needed[b]).is_file() for b in args.backends if b in needed
+    )
+    if missing:
+        console.print(f"exporting ONNX models of {run_dir} first")
+        export_run(checkpoint, run_dir / "model.onnx", run_dir=run_dir, fp16="ort-cuda-fp16" in args.backends,
+                   int8="ort-int8" in args.backends, data_dir=args.data_dir, log=console.print)
+    report = benchmark_run(run_dir, args.backends, args.batch_sizes, args.iters, args.warmup, args.train_steps,
+                           data_dir=args.data_dir, log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    markdown = to_markdown(report)
+    console.print(Markdown(markdown))
+    for json_path in [run_dir / "benchmark.json", *([Path(args.json)] if args.json else [])]:
+        write_json_atomic(json_path, report)
+    for md_path in [run_dir / "benchmark.md", *([Path(args.markdown)] if args.markdown else [])]:
+        md_path.write_text(markdown)
+    console.print(f"wrote {run_dir / 'benchmark.json'} and {run_dir / 'benchmark.md'}")
+    if report["flagged"]:
+        console.print(f"[bold red]parity flagged: {', '.join(report['flagged'])}[/bold red]")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,86 @@
+"""benchmark.py on a tiny model: every report field, parity from real outputs, skipped providers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import REPO
+
+FIELDS = {"run", "machine", "model", "image_size", "backends", "skipped", "providers_used", "parity", "flagged",
+          "training", "training_history"}
+
+
+def _benchmark(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--run", str(run_dir), "--iters", "2",
+                             "--warmup", "1", "--batch-sizes", "1,2", *args],
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def benchmarked(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run_dir = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("bench") / "run"))
+    _benchmark(run_dir, "--train-steps", "2", "--backends", "torch-fp32,torch-fast,ort-fp32,ort-int8,ort-cuda-fp32")
+    return run_dir, json.loads((run_dir / "benchmark.json").read_text())
+
+
+def test_report_has_every_field(benchmarked: tuple[Path, dict]) -> None:
+    run_dir, report = benchmarked
+    assert FIELDS <= set(report)
+    assert (run_dir / "model_int8.onnx").is_file()  # exported first, since it was missing
+    assert {"cpu", "cpu_cores", "gpus", "packages", "onnxruntime_providers_listed"} <= set(report["machine"])
+    assert set(report["backends"]) == {"torch-fp32", "torch-fast", "ort-fp32", "ort-int8"}
+    for entry in report["backends"].values():
+        assert [row["batch_size"] for row in entry["latency"]] == [1, 2]
+        for row in entry["latency"]:
+            assert 0 < row["median_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["images_per_s"] > 0
+    assert "CPUExecutionProvider" in report["providers_used"]
+    training = report["training"]
+    for loop in ("plain_fp32_nchw", "harness"):
+        assert training[loop]["images_per_s"] > 0
+        assert training[loop]["speedup_vs_study"] == pytest.approx(300 / training[loop]["projected_epoch_s"])
+    assert report["training_history"]["epochs"] == 6
+    markdown = (run_dir / "benchmark.md").read_text()
+    assert "| ort-int8 | 2 |" in markdown and "Training speed" in markdown
+
+
+def test_unavailable_provider_is_reported_as_skipped(benchmarked: tuple[Path, dict]) -> None:
+    _, report = benchmarked
+    if "ort-cuda-fp32" in report["backends"]:
+        pytest.skip("this machine really runs the CUDA provider")
+    assert "ort-cuda-fp32" in report["skipped"]
+    assert "\n" not in report["skipped"]["ort-cuda-fp32"]
+
+
+def test_parity_comes_from_real_outputs(benchmarked: tuple[Path, dict]) -> None:
+    _, report = benchmarked
+    parity = report["parity"]
+    assert parity["torch-fp32"]["iou_diff_vs_torch_fp32"] == 0.0
+    assert abs(parity["ort-fp32"]["iou_diff_vs_torch_fp32"]) <= 1e-4 and not parity["ort-fp32"]["flagged"]
+    assert parity["ort-int8"]["pixels_differing_vs_torch_fp32"] > 0  # quantisation changes some pixels
+    assert report["flagged"] == []
+
+
+def test_perturbed_onnx_model_is_flagged(benchmarked: tuple[Path, dict], tmp_path: Path) -> None:
+    run_dir, _ = benchmarked
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    model = onnx.load(str(copy / "model.onnx"))
+    head_bias = next(init for init in model.graph.initializer if init.name.startswith("head") and init.name.endswith("bias"))
+    perturbed = numpy_helper.to_array(head_bias) + np.float32(2.0)  # shifts every logit: changes the masks
+    head_bias.CopyFrom(numpy_helper.from_array(perturbed, head_bias.name))
+    onnx.save(model, str(copy / "model.onnx"))
+    result = _benchmark(copy, "--train-steps", "0", "--backends", "torch-fp32,ort-fp32")
+    report = json.loads((copy / "benchmark.json").read_text())
+    assert report["flagged"] == ["ort-fp32"]
+    assert abs(report["parity"]["ort-fp32"]["iou_diff_vs_torch_fp32"]) > 1e-4
+    assert "parity flagged" in result.stdout
