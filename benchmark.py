@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from kvseg.bench import BACKENDS, benchmark_run, to_markdown
+from kvseg.checkpoint import write_json_atomic
 from kvseg.cli import run_cli
 from kvseg.errors import KvsegError
 from kvseg.export import checkpoint_of, export_run, latest_run
-from kvseg.train import write_json_atomic
 
 
 def _int_list(text: str) -> list[int]:

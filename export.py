@@ -16,9 +16,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvseg.checkpoint import write_json_atomic
 from kvseg.cli import run_cli
 from kvseg.export import DEFAULT_OPSET, checkpoint_of, export_run, latest_run
-from kvseg.train import write_json_atomic
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

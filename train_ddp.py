@@ -52,7 +52,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
         help="auto: the launcher's setting, or bf16 on a CPU with native bf16 (default)",
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. train.eval_every=2")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. train.eval_every=2"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     return parser.parse_args(argv)
 

@@ -36,9 +36,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import kvseg
+from kvseg.checkpoint import load_run_datasets, load_trained_model
 from kvseg.config import Config
 from kvseg.data import SegmentationDataset
-from kvseg.export import load_for_export, run_datasets
 from kvseg.metrics import SegmentationMetrics
 from kvseg.model import build_model
 from kvseg.train import cpu_supports_bf16
@@ -352,7 +352,9 @@ def measure_training(cfg: Config, train_set: SegmentationDataset, steps: int, wa
     results = {}
 
     def make_set(cache: bool) -> SegmentationDataset:
-        return SegmentationDataset(train_set.samples, cfg.data.image_size, transform, cfg.data.mask_threshold, cache=cache, seed=0)
+        return SegmentationDataset(
+            train_set.samples, cfg.data.image_size, transform, cfg.data.mask_threshold, cache=cache, seed=0
+        )
 
     # Plain loop first: it must not profit from a cache the harness filled.
     torch.manual_seed(0)
@@ -446,9 +448,9 @@ def benchmark_run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Latency, parity and training speed for the run in ``run_dir``; returns the report dict."""
-    model, cfg, _ = load_for_export(run_dir / "checkpoints" / "best.pt")
+    model, cfg, _ = load_trained_model(run_dir / "checkpoints" / "best.pt")
     models = {p: run_dir / ("model.onnx" if p == "fp32" else f"model_{p}.onnx") for p in ("fp32", "fp16", "int8")}
-    train_set, test_set = run_datasets(cfg, run_dir, data_dir)
+    train_set, test_set = load_run_datasets(cfg, run_dir, data_dir)
     report: dict = {"run": str(run_dir), "machine": machine_info(), "model": asdict(cfg.model),
                     "image_size": cfg.data.image_size, "backends": {}, "skipped": {}}
 
@@ -508,7 +510,8 @@ def to_markdown(report: dict) -> str:
     if report["skipped"]:
         lines += ["", "Skipped:"] + [f"- {name}: {reason}" for name, reason in report["skipped"].items()]
     lines += ["", "## IoU parity on the test split", "",
-              "| backend | IoU per-image | IoU dataset | Dice per-image | Dice dataset | IoU diff vs torch-fp32 | pixels differing | flag |",
+              "| backend | IoU per-image | IoU dataset | Dice per-image | Dice dataset "
+              "| IoU diff vs torch-fp32 | pixels differing | flag |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, entry in report["parity"].items():
         lines.append(
@@ -527,7 +530,8 @@ def to_markdown(report: dict) -> str:
                   "| --- | ---: | ---: | ---: |"]
         for key, label in (("plain_fp32_nchw", "plain fp32 NCHW"), ("harness", "kvseg harness")):
             row = training[key]
-            lines.append(f"| {label} | {row['images_per_s']:.1f} | {row['projected_epoch_s']:.1f} | {row['speedup_vs_study']:.1f}x |")
+            lines.append(f"| {label} | {row['images_per_s']:.1f} | {row['projected_epoch_s']:.1f} "
+                         f"| {row['speedup_vs_study']:.1f}x |")
         lines.append(f"\nHarness against plain loop: {training['harness_vs_plain']:.2f}x.")
     history = report.get("training_history")
     if history:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kvseg.errors import ConfigError
+from kvseg.tta import check_transforms
 
 
 @dataclass
@@ -78,6 +79,15 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Test-time augmentation of the final evaluation, reported beside the plain one."""
+
+    tta: list[str] = field(
+        default_factory=lambda: ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
+    )  # any of these dihedral transforms; [] turns TTA off
+
+
+@dataclass
 class Config:
     """Everything a run needs besides the launcher settings."""
 
@@ -85,6 +95,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs"
     run_name: str = ""  # empty: a time stamp
 
@@ -134,6 +145,10 @@ def _validate(cfg: Config) -> None:
             f"config key 'data.image_size' is {cfg.data.image_size}; expected a multiple of "
             f"2**model.depth = {2**cfg.model.depth}"
         )
+    try:
+        check_transforms(cfg.eval.tta)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'eval.tta': {exc}") from None
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3:
         raise ConfigError("config keys 'augment.mean' and 'augment.std' need three values (R, G, B)")
 

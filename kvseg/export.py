@@ -30,13 +30,11 @@ import torch
 from torch import nn
 
 import kvseg
-from kvseg.augment import build_eval_transform
-from kvseg.config import Config, config_from_dict
-from kvseg.data import SegmentationDataset, find_samples, read_split_file, resolve_split
+from kvseg.checkpoint import load_run_datasets, load_trained_model
+from kvseg.config import Config
+from kvseg.data import SegmentationDataset
 from kvseg.errors import CheckpointError, KvsegError
 from kvseg.metrics import SegmentationMetrics
-from kvseg.model import build_model
-from kvseg.train import load_model_checkpoint
 
 DEFAULT_OPSET = 18
 FP32_MAX_ABS = 1e-4
@@ -98,7 +96,9 @@ def latest_run(output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     candidates = sorted(output_dir.glob("*/checkpoints/best.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise CheckpointError(f"{output_dir}: no run with checkpoints/best.pt found (train one first, or pass --run / --checkpoint)")
+        raise CheckpointError(
+            f"{output_dir}: no run with checkpoints/best.pt found (train one first, or pass --run / --checkpoint)"
+        )
     return candidates[-1].parent.parent
 
 
@@ -111,20 +111,6 @@ def checkpoint_of(run_dir: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (expected a run folder written by train_ddp.py)")
     return path
-
-
-def load_for_export(checkpoint: Path) -> tuple[nn.Module, Config, dict]:
-    """The fp32 U-Net in eval mode, its config and the checkpoint payload."""
-    payload = load_model_checkpoint(checkpoint)
-    cfg = config_from_dict(payload["config"])
-    model = build_model(cfg.model)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{checkpoint}: weights do not fit the U-Net its config describes ({str(exc).splitlines()[0]})"
-        ) from None
-    return model.eval(), cfg, payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,22 +278,6 @@ def _batches(dataset: SegmentationDataset, batch_size: int, limit: int | None = 
     return out
 
 
-def run_datasets(cfg: Config, run_dir: Path | None, data_dir: str | None) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """The run's train and test images through the eval pipeline (calibration and verification)."""
-    root = Path(data_dir or cfg.data.root)
-    samples = find_samples(root)
-    if run_dir is not None and (run_dir / "test.txt").is_file():
-        train_ids = read_split_file(run_dir / "train.txt", samples)
-        test_ids = read_split_file(run_dir / "test.txt", samples)
-    else:
-        split = resolve_split(root, samples, cfg.data.split_seed, cfg.data.test_fraction)
-        train_ids, test_ids = split.train, split.test
-    transform = build_eval_transform(cfg.augment)
-    common = dict(image_size=cfg.data.image_size, transform=transform, mask_threshold=cfg.data.mask_threshold)
-    return (SegmentationDataset([samples[i] for i in train_ids], **common),
-            SegmentationDataset([samples[i] for i in test_ids], **common))
-
-
 # ---------------------------------------------------------------------------------------------
 # int8
 
@@ -383,7 +353,7 @@ def export_run(
 
     A model that fails verification is deleted and :class:`VerificationError` names the numbers.
     """
-    model, cfg, payload = load_for_export(checkpoint)
+    model, cfg, payload = load_trained_model(checkpoint)
     _check_writable(output)
     size, depth, threshold = cfg.data.image_size, cfg.model.depth, cfg.train.threshold
     report = ExportReport(checkpoint=checkpoint)
@@ -392,7 +362,7 @@ def export_run(
     random_inputs: list[np.ndarray] = []
     calibration: list[np.ndarray] = []
     if verify or int8:
-        train_set, test_set = run_datasets(cfg, run_dir, data_dir)
+        train_set, test_set = load_run_datasets(cfg, run_dir, data_dir)
         test_batches = _batches(test_set, batch_size=3)  # export sample: batch 1
         other = size + 2**depth if dynamic_hw else size
         rng = np.random.default_rng(0)

@@ -53,17 +53,22 @@ def scores_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.nd
     }
 
 
+def _operating_points(positives: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative true and false positives at each non-empty bin, from the highest score down."""
+    pos = positives[::-1].astype(np.float64)
+    neg = negatives[::-1].astype(np.float64)
+    used = (pos + neg) > 0
+    return np.cumsum(pos)[used], np.cumsum(neg)[used]
+
+
 def ranking_scores(positives: np.ndarray, negatives: np.ndarray) -> tuple[float, float]:
     """(average precision, ROC AUC) from per-bin counts of positive and negative pixels.
 
     Bins are ordered by increasing score; each non-empty bin is one threshold. NaN when the set has
     no positive (both) or no negative (AUC) pixel.
     """
-    pos = positives[::-1].astype(np.float64)
-    neg = negatives[::-1].astype(np.float64)
-    used = (pos + neg) > 0
-    tps, fps = np.cumsum(pos)[used], np.cumsum(neg)[used]
-    total_pos, total_neg = tps[-1] if len(tps) else 0.0, fps[-1] if len(fps) else 0.0
+    tps, fps = _operating_points(positives, negatives)
+    total_pos, total_neg = (tps[-1], fps[-1]) if len(tps) else (0.0, 0.0)
     if total_pos == 0:
         return math.nan, math.nan
     recall = tps / total_pos
@@ -74,6 +79,22 @@ def ranking_scores(positives: np.ndarray, negatives: np.ndarray) -> tuple[float,
     tpr = np.concatenate([[0.0], recall])
     fpr = np.concatenate([[0.0], fps / total_neg])
     return average_precision, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def ranking_curves(positives: np.ndarray, negatives: np.ndarray, max_points: int = 256) -> dict:
+    """Precision-recall and ROC curves, thinned to at most ``max_points`` points each (for plots)."""
+    tps, fps = _operating_points(positives, negatives)
+    if not len(tps) or tps[-1] == 0 or fps[-1] == 0:
+        return {"recall": [], "precision": [], "fpr": [], "tpr": []}
+    keep = np.unique(np.linspace(0, len(tps) - 1, min(max_points, len(tps))).round().astype(int))
+    tps, fps = tps[keep], fps[keep]
+    rounded = lambda a: [round(float(v), 6) for v in a]  # noqa: E731
+    return {
+        "recall": rounded(tps / tps[-1]),
+        "precision": rounded(tps / (tps + fps)),
+        "fpr": rounded(np.concatenate([[0.0], fps / fps[-1]])),
+        "tpr": rounded(np.concatenate([[0.0], tps / tps[-1]])),
+    }
 
 
 @dataclass
@@ -123,7 +144,8 @@ class SegmentationMetrics:
         tp, fp, fn, tn = (int(v) for v in counts.sum(axis=0))
         dataset = scores_from_counts(tp, fp, fn, tn)
         per_image = self.per_image()
-        average_precision, roc_auc = ranking_scores(self._histogram[1].numpy(), self._histogram[0].numpy())
+        positives, negatives = self._histogram[1].numpy(), self._histogram[0].numpy()
+        average_precision, roc_auc = ranking_scores(positives, negatives)
         return {
             "loss": float(per_image["loss"].mean()),
             "dataset": {name: float(dataset[name]) for name in SCORES},
@@ -133,4 +155,5 @@ class SegmentationMetrics:
             "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
             "num_images": len(counts),
             "threshold": self.threshold,
+            "curves": ranking_curves(positives, negatives),
         }

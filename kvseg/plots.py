@@ -1,10 +1,14 @@
-"""Figures of a run: the loss curve (the study's Fig. 1) and the metric bar chart (Fig. 2)."""
+"""Figures of a run: loss curve, metrics, confusion matrix, PR/ROC, feature maps, predictions, augmentations.
+
+They follow the study's figures 1-6; :mod:`kvseg.report` computes what they show and writes them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,5 +58,129 @@ def plot_metrics(metrics: dict, path: str | Path) -> Path:
     ax.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion_matrix(metrics: dict, path: str | Path) -> Path:
+    """The 2x2 pixel confusion matrix of the test split, counts and row-normalised rates (Fig. 3)."""
+    cm = metrics["confusion_matrix"]
+    counts = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]], dtype=np.float64)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), value in np.ndenumerate(counts):
+        ax.text(j, i, f"{int(value):,}\n{rates[i, j]:.2%}", ha="center", va="center",
+                color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks([0, 1], ["background", "instrument"])
+    ax.set_yticks([0, 1], ["background", "instrument"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title("Pixel confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_pr_roc(metrics: dict, path: str | Path) -> Path:
+    """Precision-recall and ROC curves of the test pixels, AP and AUC in the legends."""
+    curves = metrics["curves"]
+    fig, (pr, roc) = plt.subplots(1, 2, figsize=(9, 4))
+    pr.plot(curves["recall"], curves["precision"], label=f"AP = {metrics['average_precision']:.4f}")
+    pr.set_xlabel("recall")
+    pr.set_ylabel("precision")
+    pr.set_title("Precision-recall")
+    roc.plot(curves["fpr"], curves["tpr"], label=f"AUC = {metrics['roc_auc']:.4f}")
+    roc.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+    roc.set_xlabel("false positive rate")
+    roc.set_ylabel("true positive rate")
+    roc.set_title("ROC")
+    for ax in (pr, roc):
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if ax is roc else "lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_feature_maps(maps: dict[str, np.ndarray], path: str | Path, channels: int = 6) -> Path:
+    """One row per layer: its ``channels`` strongest channels (largest mean |activation|) (Fig. 4).
+
+    ``maps`` holds layer name -> activation (C, H, W) for one image, in network order.
+    """
+    fig, axes = plt.subplots(len(maps), channels, figsize=(1.6 * channels, 1.75 * len(maps)), squeeze=False)
+    for row, (name, activation) in zip(axes, maps.items()):
+        strength = np.abs(activation).mean(axis=(1, 2))
+        for ax, channel in zip(row, np.argsort(strength)[::-1][:channels]):
+            ax.imshow(activation[channel], cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"ch {channel}", fontsize=7)
+        row[0].set_ylabel(f"{name}\n{activation.shape[1]}x{activation.shape[2]}", fontsize=8)
+    fig.suptitle("Feature maps: strongest channels per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def overlay(image: np.ndarray, truth: np.ndarray | None, predicted: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 image with the prediction over it; with ``truth``: agreement yellow, missed green, extra magenta."""
+    out = image.astype(np.float32).copy()
+    predicted = predicted.astype(bool)
+    if truth is None:
+        layers = [(predicted, (255, 0, 80))]
+    else:
+        truth = truth.astype(bool)
+        layers = [(truth & predicted, (255, 230, 0)), (truth & ~predicted, (0, 255, 0)), (~truth & predicted, (255, 0, 255))]
+    for where, colour in layers:
+        out[where] = (1 - alpha) * out[where] + alpha * np.array(colour, np.float32)
+    return out.round().astype(np.uint8)
+
+
+def plot_predictions(rows: list[dict], path: str | Path, columns: int = 4) -> Path:
+    """A grid of images with ground truth and prediction overlaid, IoU in each title.
+
+    ``rows`` items: ``image`` (H, W, 3) uint8, ``truth`` and ``predicted`` (H, W), ``title``.
+    """
+    count = len(rows)
+    lines = (count + columns - 1) // columns
+    fig, axes = plt.subplots(lines, columns, figsize=(3 * columns, 3.1 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        ax.imshow(overlay(row["image"], row["truth"], row["predicted"]))
+        ax.set_title(row["title"], fontsize=8)
+    fig.suptitle("Yellow: instrument found; green: missed; magenta: false alarm", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_augmentations(panels: list[dict], path: str | Path) -> Path:
+    """For each image: its augmented versions (top) and each version's prediction mapped back (bottom) (Fig. 6).
+
+    ``panels`` items: ``id``, ``image``, ``truth`` and ``versions``: list of (name, augmented image,
+    prediction mapped back to the original orientation, IoU).
+    """
+    columns = len(panels[0]["versions"])
+    fig, axes = plt.subplots(2 * len(panels), columns, figsize=(2.4 * columns, 4.9 * len(panels)), squeeze=False)
+    for index, panel in enumerate(panels):
+        for column, (name, augmented, predicted, iou) in enumerate(panel["versions"]):
+            top, bottom = axes[2 * index, column], axes[2 * index + 1, column]
+            top.imshow(augmented)
+            top.set_title(f"{panel['id']}: {name}", fontsize=8)
+            bottom.imshow(overlay(panel["image"], panel["truth"], predicted))
+            bottom.set_title(f"mapped back, IoU {iou:.3f}", fontsize=8)
+            top.axis("off")
+            bottom.axis("off")
+    fig.suptitle("Test images, their rotated / flipped / transposed versions, and the predictions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -14,9 +14,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -29,17 +29,18 @@ from torch.utils.data import DataLoader
 
 import kvseg
 from kvseg.augment import build_eval_transform, build_train_transform
-from kvseg.config import Config, DataConfig, config_from_dict, config_to_dict, config_to_yaml, load_config
+from kvseg.checkpoint import json_safe, save_model_checkpoint, write_json_atomic
+from kvseg.config import Config, DataConfig, config_to_yaml, load_config
 from kvseg.data import SegmentationDataset, Split, find_samples, read_split_file, resolve_split, write_split
 from kvseg.errors import CheckpointError, DatasetNotFoundError, KvsegError
 from kvseg.metrics import SegmentationMetrics
-from kvseg.model import UNet, build_model
-from kvseg.plots import plot_loss_curve, plot_metrics
+from kvseg.model import build_model
+from kvseg.report import write_report
 from kvseg.synthetic import write_synthetic_dataset
+from kvseg.tta import tta_logits
 
 DEFAULT_DATA_ROOT = DataConfig.root
 SYNTHETIC_ROOT = "data/synthetic-kvasir-instrument"
-CHECKPOINT_FORMAT = "kvseg-checkpoint-1"
 
 
 class NonFiniteLossError(KvsegError):
@@ -212,59 +213,6 @@ def collect_environment(accelerator: Accelerator) -> dict:
 # Files of a run
 
 
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value: object) -> object:
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def json_safe(value: object) -> object:
-    """NaN and infinities become None (JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def save_model_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, metrics: dict | None) -> None:
-    """A self-describing model checkpoint (weights, config, metrics), written atomically."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "kvseg_version": kvseg.__version__,
-        "epoch": epoch,
-        "config": config_to_dict(cfg),
-        "metrics": json_safe(metrics),
-        "model": state,
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_model_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by :func:`save_model_checkpoint` (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint ({reason}); expected a kvseg .pt file") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a kvseg checkpoint (expected format {CHECKPOINT_FORMAT})")
-    return payload
-
-
 def new_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """``output_dir/run_name`` (a time stamp by default), the same on every process."""
     name = [cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")]
@@ -358,22 +306,39 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, threshold: float, channels_last: bool) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    threshold: float,
+    channels_last: bool,
+    tta: Sequence[str] = (),
+) -> dict:
     """Test loss and every metric of :class:`~kvseg.metrics.SegmentationMetrics` over ``loader``.
 
     Outputs of all processes are gathered with ``gather_for_metrics``, which drops the samples that
-    were repeated to even out the last batch: each image counts exactly once.
+    were repeated to even out the last batch: each image counts exactly once. With ``tta``, the
+    probabilities are averaged over those dihedral transforms (:mod:`kvseg.tta`).
     """
     model.eval()
     metrics = SegmentationMetrics(threshold=threshold)
-    for images, masks, _ in loader:
+    indices = []
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images).float()
-        logits, masks = accelerator.gather_for_metrics((logits.contiguous(), masks))
+        return model(images).float()
+
+    for images, masks, index in loader:
+        logits = tta_logits(predict, images, tta) if tta else predict(images)
+        logits, masks, index = accelerator.gather_for_metrics((logits.contiguous(), masks, index))
         metrics.update(logits, masks)
+        indices.extend(index.tolist())
     result = metrics.compute()
-    result["per_image_iou"] = [float(v) for v in metrics.per_image()["iou"]]
+    ids = [loader.dataset.samples[i].id for i in indices]
+    result["per_image_iou"] = dict(zip(ids, (float(v) for v in metrics.per_image()["iou"])))
+    if tta:
+        result["tta_transforms"] = list(tta)
     return result
 
 
@@ -512,22 +477,13 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     if metrics is None:  # resumed a run that had already finished: evaluate the final weights again
         metrics = evaluate(model, test_loader, accelerator, cfg.train.threshold, cfg.train.channels_last)
         accelerator.print(_eval_line(metrics))
+    if cfg.eval.tta:
+        tta = evaluate(model, test_loader, accelerator, cfg.train.threshold, cfg.train.channels_last, cfg.eval.tta)
+        accelerator.print(f"With TTA ({len(cfg.eval.tta)} transforms): {_eval_line(tta)}")
+        metrics["tta"] = {k: v for k, v in tta.items() if k not in ("per_image_iou", "curves")}
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", json_safe({"epoch": progress.epoch, **metrics}))
-        plot_loss_curve(progress.history, run_dir / "loss_curve.png")
-        plot_metrics(metrics, run_dir / "metrics.png")
+        write_report(run_dir)
     accelerator.print(f"Wrote {run_dir}")
     accelerator.end_training()
     return run_dir
-
-
-def load_trained_model(checkpoint: str | Path) -> tuple[UNet, dict]:
-    """The U-Net of a kvseg checkpoint, in eval mode, and the checkpoint's payload."""
-    payload = load_model_checkpoint(checkpoint)
-    cfg = config_from_dict(payload["config"])
-    model = build_model(cfg.model)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{checkpoint}: weights do not match the U-Net in its config ({str(exc).splitlines()[0]})") from None
-    return model.eval(), payload

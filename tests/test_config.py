@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from kvseg.config import Config, config_from_dict, config_to_dict, load_config
 from kvseg.errors import ConfigError
-
-from conftest import REPO
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:

@@ -44,7 +44,6 @@ def generic_root(tmp_path: Path) -> Path:
     shapes = {"a": (60, 80), "b": (100, 70), "c": (64, 64), "d": (90, 120), "e": (50, 50)}
     for name, (h, w) in shapes.items():
         image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-        mask = _disk_mask(h, w)
         ext = {"a": ".jpg", "b": ".png", "c": ".tif", "d": ".bmp", "e": ".jpeg"}[name]
         _write(root / "images" / f"{name}{ext}", image)
     _write(root / "masks" / "a.png", _disk_mask(60, 80) * 255)

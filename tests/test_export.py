@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import kvseg.export
-from kvseg.errors import CheckpointError
-from kvseg.export import VerificationError, export_run, load_for_export, read_metadata
-
 from conftest import REPO
+from kvseg.checkpoint import load_trained_model
+from kvseg.errors import CheckpointError
+from kvseg.export import VerificationError, export_run, read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 def test_onnx_matches_pytorch_at_another_batch_and_size(exported: tuple[Path, subprocess.CompletedProcess]) -> None:
     run_dir, _ = exported
-    model, _, _ = load_for_export(run_dir / "checkpoints" / "best.pt")
+    model, _, _ = load_trained_model(run_dir / "checkpoints" / "best.pt")
     session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).normal(size=(3, 3, 80, 48)).astype(np.float32)  # exported at (1, 3, 64, 64)
     got = session.run(["logits"], {"image": x})[0]
@@ -119,4 +119,4 @@ def test_checkpoint_loader_rejects_foreign_files(tmp_path: Path) -> None:
     path = tmp_path / "plain.pt"
     torch.save({"state_dict": {}}, path)
     with pytest.raises(CheckpointError, match="not a kvseg checkpoint"):
-        load_for_export(path)
+        load_trained_model(path)

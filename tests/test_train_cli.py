@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvseg.train import load_trained_model, state_dir_of
+from conftest import REPO, TINY_TRAINING
+from kvseg.checkpoint import load_trained_model
+from kvseg.train import state_dir_of
 
-from conftest import REPO
-
-TINY = ["--image-size", "64", "--batch-size", "4", "--num-workers", "1", "--set", "model.base_channels=8", "--set", "model.depth=3"]
+TINY = TINY_TRAINING
 TWO_CPU_PROCESSES = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml")]
 SINGLE = ["accelerate", "launch", "--num_processes", "1", "--cpu"]
 
@@ -73,7 +73,7 @@ def test_run_folder_contents(two_process_run: tuple[Path, subprocess.CompletedPr
     assert metrics["num_images"] == len(test_ids) == len(metrics["per_image_iou"])  # no padded duplicates
     cm = metrics["confusion_matrix"]
     assert sum(cm.values()) == len(test_ids) * 64 * 64
-    model, payload = load_trained_model(run_dir / "checkpoints" / "last.pt")
+    model, _, payload = load_trained_model(run_dir / "checkpoints" / "last.pt")
     assert payload["epoch"] == 2 and payload["config"]["model"]["base_channels"] == 8
     assert payload["metrics"]["per_image"]["iou"] == pytest.approx(metrics["per_image"]["iou"])
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)

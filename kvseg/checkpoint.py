@@ -1,0 +1,111 @@
+"""Files of a run: self-describing model checkpoints, atomic JSON, and loading a trained run back.
+
+A model checkpoint (``checkpoints/best.pt``, ``checkpoints/last.pt``) holds the weights, the
+resolved config and the test metrics; it is written atomically and read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+import kvseg
+from kvseg.augment import build_eval_transform
+from kvseg.config import Config, config_from_dict, config_to_dict
+from kvseg.data import SegmentationDataset, Split, find_samples, read_split_file, resolve_split
+from kvseg.errors import CheckpointError
+from kvseg.model import UNet, build_model
+
+CHECKPOINT_FORMAT = "kvseg-checkpoint-1"
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: object) -> object:
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def json_safe(value: object) -> object:
+    """NaN and infinities become None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def save_model_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, metrics: dict | None) -> None:
+    """A self-describing model checkpoint (weights, config, metrics), written atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "kvseg_version": kvseg.__version__,
+        "epoch": epoch,
+        "config": config_to_dict(cfg),
+        "metrics": json_safe(metrics),
+        "model": state,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_model_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by :func:`save_model_checkpoint` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint ({reason}); expected a kvseg .pt file") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a kvseg checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_trained_model(checkpoint: str | Path) -> tuple[UNet, Config, dict]:
+    """The fp32 U-Net of a kvseg checkpoint in eval mode, its config, and the checkpoint's payload."""
+    payload = load_model_checkpoint(checkpoint)
+    cfg = config_from_dict(payload["config"])
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{checkpoint}: weights do not fit the U-Net its config describes ({str(exc).splitlines()[0]})"
+        ) from None
+    return model.eval(), cfg, payload
+
+
+def load_run_datasets(
+    cfg: Config, run_dir: Path | None, data_dir: str | None = None
+) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """A run's train and test images through the eval pipeline (no random augmentation).
+
+    The split is the one saved in ``run_dir``; without one, it is resolved from the data folder
+    as training would. ``data_dir`` replaces the config's data root when the data moved.
+    """
+    root = Path(data_dir or cfg.data.root)
+    samples = find_samples(root)
+    if run_dir is not None and (run_dir / "test.txt").is_file():
+        train, test = (read_split_file(run_dir / name, samples) for name in ("train.txt", "test.txt"))
+        split = Split(train, test, "run folder")
+    else:
+        split = resolve_split(root, samples, cfg.data.split_seed, cfg.data.test_fraction)
+    common = dict(image_size=cfg.data.image_size, transform=build_eval_transform(cfg.augment),
+                  mask_threshold=cfg.data.mask_threshold)
+    return (SegmentationDataset([samples[i] for i in split.train], **common),
+            SegmentationDataset([samples[i] for i in split.test], **common))

@@ -1,0 +1,230 @@
+"""The figures and the index.html of a run, from its folder and its best checkpoint.
+
+    python -m kvseg.report RUN_DIR [--data-dir DIR]
+
+Writes into RUN_DIR: loss_curve.png, metrics.png, confusion_matrix.png, pr_roc.png (the study's
+figures 1-3), feature_maps.png (Fig. 4), predictions.png (training images, then the worst test
+images first), augmentations.png (Fig. 6) and index.html showing the metrics and every figure.
+Training calls it at the end of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvseg.checkpoint import load_run_datasets, load_trained_model
+from kvseg.cli import run_cli
+from kvseg.config import config_to_dict
+from kvseg.data import SegmentationDataset
+from kvseg.errors import CheckpointError
+from kvseg.metrics import SCORES, SegmentationMetrics
+from kvseg.model import UNet
+from kvseg.plots import (
+    plot_augmentations,
+    plot_confusion_matrix,
+    plot_feature_maps,
+    plot_loss_curve,
+    plot_metrics,
+    plot_pr_roc,
+    plot_predictions,
+)
+from kvseg.tta import DIHEDRAL
+
+FIGURES = {
+    "loss_curve.png": "Loss per epoch (train, and test where evaluated)",
+    "metrics.png": "Test metrics, per-image mean and dataset-level",
+    "confusion_matrix.png": "Pixel confusion matrix of the test split",
+    "pr_roc.png": "Precision-recall and ROC curves of the test pixels",
+    "predictions.png": "Training images, then the worst test images first",
+    "augmentations.png": "Predictions on rotated, flipped and transposed test images, mapped back",
+    "feature_maps.png": "Feature maps of one test image, strongest channels per layer",
+}
+AUGMENTATION_VERSIONS = ("identity", "rot90", "hflip", "vflip", "transpose")
+
+
+@torch.no_grad()
+def _logits(model: UNet, images: torch.Tensor) -> torch.Tensor:
+    return model(images).float()
+
+
+def _iou(truth: np.ndarray, predicted: np.ndarray) -> float:
+    union = np.logical_or(truth, predicted).sum()
+    return float(np.logical_and(truth, predicted).sum() / union) if union else 1.0
+
+
+def _predicted(model: UNet, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
+    image, mask = dataset.load(index)
+    tensor = dataset[index][0][None]
+    predicted = (torch.sigmoid(_logits(model, tensor))[0, 0] > threshold).numpy()
+    return {"image": image, "truth": mask.astype(bool), "predicted": predicted, "iou": _iou(mask.astype(bool), predicted)}
+
+
+def evaluate_plain(model: UNet, dataset: SegmentationDataset, threshold: float, batch_size: int = 8) -> dict:
+    """Test metrics in this process (for a run whose metrics.json is missing)."""
+    metrics = SegmentationMetrics(threshold=threshold)
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        metrics.update(_logits(model, torch.stack([i[0] for i in items])), torch.stack([i[1] for i in items]))
+    result = metrics.compute()
+    result["per_image_iou"] = {s.id: float(v) for s, v in zip(dataset.samples, metrics.per_image()["iou"])}
+    return result
+
+
+def feature_maps(model: UNet, image: torch.Tensor) -> dict[str, np.ndarray]:
+    """Activations of every encoder level, the bottleneck and every decoder level for one image."""
+    layers = {"encoder 0 (stem)": model.stem}
+    for level, down in enumerate(model.downs[:-1], start=1):
+        layers[f"encoder {level}"] = down
+    layers["bottleneck"] = model.downs[-1]
+    for level, up in zip(range(model.depth - 1, -1, -1), model.ups):
+        layers[f"decoder {level}"] = up
+    maps: dict[str, np.ndarray] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: maps.__setitem__(name, out[0].float().numpy()))
+        for name, module in layers.items()
+    ]
+    try:
+        _logits(model, image[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maps
+
+
+def augmentation_panel(model: UNet, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
+    """One test image under each of :data:`AUGMENTATION_VERSIONS`, predictions mapped back."""
+    image, mask = dataset.load(index)
+    tensor = dataset[index][0][None]
+    display = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    versions = []
+    for name in AUGMENTATION_VERSIONS:
+        forward, inverse = DIHEDRAL[name]
+        probabilities = torch.sigmoid(inverse(_logits(model, forward(tensor))))[0, 0]
+        predicted = (probabilities > threshold).numpy()
+        augmented = forward(display)[0].permute(1, 2, 0).numpy()
+        versions.append((name, augmented, predicted, _iou(mask.astype(bool), predicted)))
+    return {"id": dataset.samples[index].id, "image": image, "truth": mask.astype(bool), "versions": versions}
+
+
+def _metrics_table(metrics: dict) -> str:
+    columns = [("plain, per-image", metrics["per_image"]), ("plain, dataset", metrics["dataset"])]
+    tta = metrics.get("tta")
+    if tta:
+        columns += [(f"TTA ({len(tta['tta_transforms'])}), per-image", tta["per_image"]),
+                    (f"TTA ({len(tta['tta_transforms'])}), dataset", tta["dataset"])]
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    rows = "".join(
+        f"<tr><td>{score}</td>" + "".join(f"<td>{values[score]:.4f}</td>" for _, values in columns) + "</tr>"
+        for score in SCORES
+    )
+    extra = [("test loss (BCE)", "loss"), ("average precision", "average_precision"), ("ROC AUC", "roc_auc")]
+    for label, key in extra:
+        plain = metrics.get(key)
+        cells = f"<td>{plain:.4f}</td><td></td>" if plain is not None else "<td>-</td><td></td>"
+        if tta:
+            value = tta.get(key)
+            cells += (f"<td>{value:.4f}</td><td></td>" if value is not None else "<td>-</td><td></td>")
+        rows += f"<tr><td>{label}</td>{cells}</tr>"
+    return f"<table><tr><th>score</th>{head}</tr>{rows}</table>"
+
+
+def write_index(run_dir: Path, metrics: dict, config: dict, environment: dict | None) -> Path:
+    """index.html: run facts, the metrics table and every figure, readable at a glance."""
+    model, data, train = config["model"], config["data"], config["train"]
+    facts = [
+        f"U-Net base {model['base_channels']}, depth {model['depth']}, {model['upsample']} upsampling",
+        f"{data['image_size']}x{data['image_size']} px, data {html.escape(str(data['root']))}",
+        f"{train['epochs']} epochs, batch {train['batch_size']} per process, lr {train['lr']}",
+        f"{metrics['num_images']} test images, threshold {metrics['threshold']}",
+    ]
+    if environment:
+        facts.append(f"{environment['num_processes']} process(es) on {environment['device']}, "
+                     f"mixed precision {environment['mixed_precision']}, torch {environment['packages'].get('torch')}")
+    figures = "".join(
+        f'<figure><img src="{name}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        for name, caption in FIGURES.items() if (run_dir / name).is_file()
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kvseg run {html.escape(run_dir.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+figcaption {{ color: #555; font-size: 0.9em; }}
+</style></head><body>
+<h1>kvseg run {html.escape(run_dir.name)}</h1>
+<ul>{''.join(f'<li>{fact}</li>' for fact in facts)}</ul>
+<h2>Test metrics (epoch {metrics.get('epoch', '?')})</h2>
+{_metrics_table(metrics)}
+<h2>Figures</h2>
+{figures}
+</body></html>
+"""
+    path = run_dir / "index.html"
+    path.write_text(page)
+    return path
+
+
+def write_report(run_dir: str | Path, data_dir: str | None = None, train_images: int = 4, test_images: int = 8) -> list[Path]:
+    """(Re)create every figure and index.html of ``run_dir``; returns the files written."""
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "checkpoints" / "best.pt"
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: checkpoint not found (expected a run folder written by train_ddp.py)")
+    model, cfg, _ = load_trained_model(checkpoint)
+    threshold = cfg.train.threshold
+    train_set, test_set = load_run_datasets(cfg, run_dir, data_dir)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else evaluate_plain(model, test_set, threshold)
+    history_path = run_dir / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    written = [plot_metrics(metrics, run_dir / "metrics.png"), plot_confusion_matrix(metrics, run_dir / "confusion_matrix.png")]
+    if history:
+        written.append(plot_loss_curve(history, run_dir / "loss_curve.png"))
+    if metrics.get("curves", {}).get("recall"):
+        written.append(plot_pr_roc(metrics, run_dir / "pr_roc.png"))
+
+    per_image = metrics.get("per_image_iou") or {}
+    test_index = {sample.id: i for i, sample in enumerate(test_set.samples)}
+    worst = sorted(test_index, key=lambda sample_id: per_image.get(sample_id, 0.0))[:test_images]
+    rows = []
+    for index in range(min(train_images, len(train_set))):
+        shown = _predicted(model, train_set, index, threshold)
+        rows.append({**shown, "title": f"train {train_set.samples[index].id}: IoU {shown['iou']:.3f}"})
+    for sample_id in worst:
+        shown = _predicted(model, test_set, test_index[sample_id], threshold)
+        rows.append({**shown, "title": f"test {sample_id}: IoU {shown['iou']:.3f}"})
+    written.append(plot_predictions(rows, run_dir / "predictions.png"))
+    panels = [augmentation_panel(model, test_set, i, threshold) for i in range(min(3, len(test_set)))]
+    written.append(plot_augmentations(panels, run_dir / "augmentations.png"))
+    written.append(plot_feature_maps(feature_maps(model, test_set[0][0]), run_dir / "feature_maps.png"))
+    config = config_to_dict(cfg)
+    environment_path = run_dir / "environment.json"
+    environment = json.loads(environment_path.read_text()) if environment_path.is_file() else None
+    written.append(write_index(run_dir, metrics, config, environment))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kvseg.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="run folder written by train_ddp.py")
+    parser.add_argument("--data-dir", help="dataset folder, when it moved since training")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    args = parser.parse_args(argv)
+    for path in write_report(args.run_dir, args.data_dir):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
