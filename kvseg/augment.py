@@ -9,9 +9,27 @@ from __future__ import annotations
 
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from kvseg.config import AugmentConfig
+
+
+class SeededCompose(A.Compose):
+    """``A.Compose`` whose transforms draw from independent random streams after ``set_random_seed``.
+
+    ``A.Compose.set_random_seed`` (albumentations 2.0) hands every transform the same seed, so
+    their first draws coincide: with equal probabilities, all flips happen together or none does,
+    and only two of the eight flip/transpose combinations are ever seen.
+    """
+
+    def set_random_seed(self, seed: int | None) -> None:
+        super().set_random_seed(seed)
+        if seed is None:
+            return
+        streams = np.random.SeedSequence(seed).generate_state(len(self.transforms))
+        for transform, stream in zip(self.transforms, streams):
+            transform.set_random_seed(int(stream))
 
 
 def _finish(cfg: AugmentConfig) -> list[A.BasicTransform]:
@@ -22,9 +40,9 @@ def build_train_transform(cfg: AugmentConfig) -> A.Compose:
     """Random rotation (plus 90-degree turns), horizontal/vertical flip and transpose, then normalise.
 
     The pipeline's randomness is its own: :class:`kvseg.data.SegmentationDataset` reseeds it per
-    sample through ``set_random_seed``.
+    sample through ``set_random_seed``; each transform then decides independently.
     """
-    return A.Compose(
+    return SeededCompose(
         [
             A.Rotate(
                 limit=cfg.rotate_limit,

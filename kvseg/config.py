@@ -65,7 +65,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and evaluation schedule."""
 
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 8  # per process
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 0  # evaluate on the test split every k epochs (0: only at the end)
     channels_last: bool = True
+    cpu_threads: int = 0  # torch threads per process when training on the CPU; 0: the cores each process gets
     sync_batchnorm: str = "auto"  # "auto" (on with several GPU processes), "on" or "off"
     threshold: float = 0.5  # probability above which a pixel is predicted instrument
 

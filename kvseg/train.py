@@ -156,6 +156,18 @@ def _seed_worker(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+def cpu_threads_per_process(requested: int) -> int:
+    """Torch threads for one of the processes on this machine; ``requested`` > 0 wins.
+
+    ``accelerate launch`` without ``--cpu`` sets OMP_NUM_THREADS=1, which halves CPU training speed
+    on a two-core machine; kvseg gives each local process its share of the cores instead.
+    """
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def default_num_workers(num_processes: int) -> int:
     """One worker fewer than the cores each process gets, at least one, at most eight."""
     return max(1, min(8, (os.cpu_count() or 1) // num_processes - 1))
@@ -403,6 +415,8 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
             write_split(split, run_dir)
             (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
 
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
     accelerator.print(config_to_yaml(cfg).rstrip())
     accelerator.print(
         f"Run folder {run_dir}; data {root} ({len(split.train)} train / {len(split.test)} test, split from {split.source}); "

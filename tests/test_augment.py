@@ -83,3 +83,17 @@ def test_augmentation_differs_across_workers_and_epochs_and_repeats_for_a_seed(s
     assert all(torch.equal(a, b) for a, b in zip(epoch1, again))
     other_seed = _epoch_batches(same_image_dataset, epoch=1, seed=1)
     assert not all(torch.equal(a, b) for a, b in zip(epoch1, other_seed))
+
+
+def test_transforms_decide_independently_of_each_other() -> None:
+    cfg = AugmentConfig(rotate_p=0.0, rotate90_p=0.0, hflip_p=0.5, vflip_p=0.5, transpose_p=0.5)
+    transform = build_train_transform(cfg)
+    image = np.zeros((8, 8, 3), np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0, 1] = 1  # a single pixel: where it lands tells which flips were applied
+    places = set()
+    for seed in range(200):
+        transform.set_random_seed(seed)
+        out = np.asarray(transform(image=image, mask=mask)["mask"])
+        places.add(tuple(np.argwhere(out)[0]))
+    assert len(places) == 8  # every element of the flip/transpose group occurs
