@@ -53,9 +53,9 @@ def plot_metrics(metrics: dict, path: str | Path) -> Path:
         ax.annotate(f"{bar.get_height():.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.2)
     ax.set_title(f"Test metrics ({metrics['num_images']} images, loss {metrics['loss']:.4f})")
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
