@@ -7,6 +7,7 @@ of rank logic goes through it. The loop is two plain functions, :func:`train_one
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -238,6 +239,28 @@ def new_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return run_dir
 
 
+def lock_run_dir(run_dir: Path, accelerator: Accelerator) -> object:
+    """Hold an exclusive lock on ``run_dir`` for as long as the returned handle lives.
+
+    A second training process on the same folder (a resume started while the first run, or an
+    orphaned worker of it, still writes) stops with a clear error instead of interleaving
+    checkpoints. The lock dies with its process, SIGKILL included.
+    """
+    handle, held = None, True
+    if accelerator.is_main_process:
+        handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - kept open until training ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            held = False
+    flag = [held]
+    broadcast_object_list(flag)
+    if not flag[0]:
+        raise CheckpointError(f"{run_dir}: another training process is still writing this run folder; stop it first")
+    return handle
+
+
 def state_dir_of(run_dir: Path) -> Path:
     """The accelerate state of the last completed epoch, falling back to one left by a crashed swap."""
     checkpoints = Path(run_dir) / "checkpoints"
@@ -418,6 +441,7 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
     accelerator.print(config_to_yaml(cfg).rstrip())
+    run_lock = lock_run_dir(run_dir, accelerator)  # noqa: F841 - held until training returns
     accelerator.print(
         f"Run folder {run_dir}; data {root} ({len(split.train)} train / {len(split.test)} test, split from {split.source}); "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -102,14 +103,21 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_root: Path,
 
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(_command(TWO_CPU_PROCESSES, *args, "--run-name", "killed"), cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = killed_dir / "checkpoints" / "state" / "progress.json"
     deadline = time.monotonic() + 180
     while not progress.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both training processes, mid-epoch 2
+    # SIGKILL the launcher and every process under it: torchrun starts the training processes in
+    # sessions of their own, so killing the launcher's process group alone would leave them running.
+    launcher = psutil.Process(process.pid)
+    tree = [*launcher.children(recursive=True), launcher]
+    for member in tree:
+        member.kill()
+    psutil.wait_procs(tree, timeout=30)
     process.wait()
-    assert json.loads(progress.read_text())["epoch"] == 1
+    time.sleep(1)
+    assert json.loads(progress.read_text())["epoch"] == 1  # nothing kept training after the kill
     assert not (killed_dir / "metrics.json").exists()
 
     resumed = run(TWO_CPU_PROCESSES, "--resume", str(killed_dir), cwd=tmp_path)
@@ -121,6 +129,16 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_root: Path,
     history = json.loads((killed_dir / "history.json").read_text())
     reference_history = json.loads((tmp_path / "whole" / "history.json").read_text())
     assert [h["train_loss"] for h in history] == pytest.approx([h["train_loss"] for h in reference_history], rel=1e-6)
+
+
+def test_a_second_process_on_a_live_run_folder_is_refused(two_process_run: tuple[Path, subprocess.CompletedProcess],
+                                                          tmp_path: Path) -> None:
+    run_dir, _ = two_process_run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))
+    with open(copy / ".lock", "a+") as held:  # stands for a training process still running
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        message = _error(_python("--resume", str(copy), cwd=tmp_path))
+    assert "another training process" in message
 
 
 def test_state_left_by_a_crashed_swap_is_still_found(tmp_path: Path) -> None:
