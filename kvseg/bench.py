@@ -32,16 +32,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
 import kvseg
+from kvseg.augment import build_train_transform
 from kvseg.checkpoint import load_run_datasets, load_trained_model
 from kvseg.config import Config
 from kvseg.data import SegmentationDataset
 from kvseg.metrics import SegmentationMetrics
 from kvseg.model import build_model
-from kvseg.train import cpu_supports_bf16
+from kvseg.train import cpu_supports_bf16, default_num_workers, no_accelerator, resolve_mixed_precision
 
 BACKENDS = ("torch-fp32", "torch-fast", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16", "ort-tensorrt")
 STUDY_SECONDS_PER_EPOCH = 300.0
@@ -341,11 +343,6 @@ def measure_training(cfg: Config, train_set: SegmentationDataset, steps: int, wa
     channels_last, DataLoader workers and the shared cache, as ``train_ddp.py`` runs by default.
     Plain: fp32, NCHW, no workers, no cache — the loop a study would write.
     """
-    from accelerate import Accelerator
-
-    from kvseg.augment import build_train_transform
-    from kvseg.train import default_num_workers, no_accelerator, resolve_mixed_precision
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transform = build_train_transform(cfg.augment)
     loss_fn = nn.BCEWithLogitsLoss()

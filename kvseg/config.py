@@ -152,6 +152,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.tta': {exc}") from None
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3:
         raise ConfigError("config keys 'augment.mean' and 'augment.std' need three values (R, G, B)")
+    if min(cfg.augment.std) <= 0:
+        raise ConfigError(f"config key 'augment.std' is {cfg.augment.std}; expected positive values")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -115,11 +115,11 @@ def plot_feature_maps(maps: dict[str, np.ndarray], path: str | Path, channels: i
     fig, axes = plt.subplots(len(maps), channels, figsize=(1.6 * channels, 1.75 * len(maps)), squeeze=False)
     for row, (name, activation) in zip(axes, maps.items()):
         strength = np.abs(activation).mean(axis=(1, 2))
-        for ax, channel in zip(row, np.argsort(strength)[::-1][:channels]):
+        for column, (ax, channel) in enumerate(zip(row, np.argsort(strength)[::-1][:channels])):
             ax.imshow(activation[channel], cmap="viridis")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"ch {channel}", fontsize=7)
+            ax.set_title(f"{name}: ch {channel}" if column == 0 else f"ch {channel}", fontsize=7)
         row[0].set_ylabel(f"{name}\n{activation.shape[1]}x{activation.shape[2]}", fontsize=8)
     fig.suptitle("Feature maps: strongest channels per layer")
     fig.tight_layout()

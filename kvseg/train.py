@@ -152,8 +152,8 @@ def prepare_data_root(cfg: Config, options: RunOptions, accelerator: Accelerator
     return synthetic
 
 
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader workers: one OpenCV thread each; augmentations are seeded per sample."""
+def _init_worker(worker_id: int) -> None:
+    """DataLoader workers: one OpenCV thread each (augmentations are seeded per sample, not per worker)."""
     cv2.setNumThreads(1)
 
 
@@ -190,7 +190,7 @@ def build_dataloaders(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=_init_worker,
     )
     train_loader = DataLoader(train_set, shuffle=True, **loader_args)
     test_loader = DataLoader(test_set, shuffle=False, **loader_args)

@@ -89,6 +89,15 @@ def test_failed_verification_leaves_no_model(tiny_run: Path, tmp_path: Path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_int8_that_loses_iou_fails_closed(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kvseg.export, "INT8_MAX_IOU_DROP", -1.0)  # any int8 model now "loses" too much
+    output = tmp_path / "model.onnx"
+    with pytest.raises(VerificationError, match=r"int8 verification failed: test IoU .* limit -1"):
+        export_run(tiny_run / "checkpoints" / "best.pt", output, run_dir=tiny_run, int8=True, log=lambda _: None)
+    assert output.is_file()  # the verified fp32 model stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def _export_error(*args: str) -> str:
     result = subprocess.run([sys.executable, str(REPO / "export.py"), *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr

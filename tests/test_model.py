@@ -38,3 +38,12 @@ def test_channels_last_gives_the_same_logits() -> None:
         reference = model(x)
         fast = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_traces_as_one_graph() -> None:
+    # torch.compile and the ONNX exporter need a forward without graph breaks.
+    model = UNet(base_channels=8, depth=3).eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))

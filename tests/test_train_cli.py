@@ -149,6 +149,22 @@ def test_state_left_by_a_crashed_swap_is_still_found(tmp_path: Path) -> None:
     assert state_dir_of(tmp_path / "run") == checkpoints / "state.old"
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root: Path, tmp_path: Path) -> None:
+    first = _python("--data-dir", str(synthetic_root), "--epochs", "1", "--output-dir", str(tmp_path),
+                    "--run-name", "run", "--set", "eval.tta=[]", *TINY, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    # A normalisation std of 1e-45 (0 in float32) turns the inputs infinite: the loss of epoch 2 is not finite.
+    message = _error(_python("--resume", str(run_dir), "--epochs", "2", "--set", "augment.std=[1e-45,1e-45,1e-45]",
+                             cwd=tmp_path, env={"PYTHONWARNINGS": "ignore::RuntimeWarning"}))
+    assert "epoch 2: training loss is nan" in message and "epoch 1" in message
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+    _, _, payload = load_trained_model(run_dir / "checkpoints" / "last.pt")
+    assert payload["epoch"] == 1
+    assert json.loads((run_dir / "checkpoints" / "state" / "progress.json").read_text())["epoch"] == 1
+
+
 def _error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -157,9 +173,9 @@ def _error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _python(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train_ddp.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=240, env={**os.environ, **(env or {})})
 
 
 def test_missing_data_dir_is_an_error_not_a_fallback(tmp_path: Path) -> None:
