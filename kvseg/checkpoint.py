@@ -16,7 +16,7 @@ import torch
 import kvseg
 from kvseg.augment import build_eval_transform
 from kvseg.config import Config, config_from_dict, config_to_dict
-from kvseg.data import SegmentationDataset, Split, find_samples, read_split_file, resolve_split
+from kvseg.data import SegmentationDataset, find_samples, resolve_split
 from kvseg.errors import CheckpointError
 from kvseg.model import UNet, build_model
 
@@ -100,11 +100,8 @@ def load_run_datasets(
     """
     root = Path(data_dir or cfg.data.root)
     samples = find_samples(root)
-    if run_dir is not None and (run_dir / "test.txt").is_file():
-        train, test = (read_split_file(run_dir / name, samples) for name in ("train.txt", "test.txt"))
-        split = Split(train, test, "run folder")
-    else:
-        split = resolve_split(root, samples, cfg.data.split_seed, cfg.data.test_fraction)
+    split_folder = run_dir if run_dir is not None and (run_dir / "test.txt").is_file() else root
+    split = resolve_split(split_folder, samples, cfg.data.split_seed, cfg.data.test_fraction)
     common = dict(image_size=cfg.data.image_size, transform=build_eval_transform(cfg.augment),
                   mask_threshold=cfg.data.mask_threshold)
     return (SegmentationDataset([samples[i] for i in split.train], **common),

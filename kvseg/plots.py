@@ -16,6 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kvseg.metrics import SCORES  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     """Train loss per epoch, and test loss at the epochs where the test split was evaluated."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -29,10 +36,7 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     ax.set_title("Loss per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=120)
 
 
 def plot_metrics(metrics: dict, path: str | Path) -> Path:
@@ -56,10 +60,7 @@ def plot_metrics(metrics: dict, path: str | Path) -> Path:
     ax.set_ylim(0, 1.2)
     ax.set_title(f"Test metrics ({metrics['num_images']} images, loss {metrics['loss']:.4f})")
     ax.legend(loc="upper center", ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=120)
 
 
 def plot_confusion_matrix(metrics: dict, path: str | Path) -> Path:
@@ -77,10 +78,7 @@ def plot_confusion_matrix(metrics: dict, path: str | Path) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     ax.set_title("Pixel confusion matrix (test)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=120)
 
 
 def plot_pr_roc(metrics: dict, path: str | Path) -> Path:
@@ -101,10 +99,7 @@ def plot_pr_roc(metrics: dict, path: str | Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right" if ax is roc else "lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=120)
 
 
 def plot_feature_maps(maps: dict[str, np.ndarray], path: str | Path, channels: int = 6) -> Path:
@@ -122,10 +117,7 @@ def plot_feature_maps(maps: dict[str, np.ndarray], path: str | Path, channels: i
             ax.set_title(f"{name}: ch {channel}" if column == 0 else f"ch {channel}", fontsize=7)
         row[0].set_ylabel(f"{name}\n{activation.shape[1]}x{activation.shape[2]}", fontsize=8)
     fig.suptitle("Feature maps: strongest channels per layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=110)
 
 
 def overlay(image: np.ndarray, truth: np.ndarray | None, predicted: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -156,10 +148,7 @@ def plot_predictions(rows: list[dict], path: str | Path, columns: int = 4) -> Pa
         ax.imshow(overlay(row["image"], row["truth"], row["predicted"]))
         ax.set_title(row["title"], fontsize=8)
     fig.suptitle("Yellow: instrument found; green: missed; magenta: false alarm", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=110)
 
 
 def plot_augmentations(panels: list[dict], path: str | Path) -> Path:
@@ -180,7 +169,4 @@ def plot_augmentations(panels: list[dict], path: str | Path) -> Path:
             top.axis("off")
             bottom.axis("off")
     fig.suptitle("Test images, their rotated / flipped / transposed versions, and the predictions", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=110)

@@ -32,7 +32,7 @@ import kvseg
 from kvseg.augment import build_eval_transform, build_train_transform
 from kvseg.checkpoint import json_safe, save_model_checkpoint, write_json_atomic
 from kvseg.config import Config, DataConfig, config_to_yaml, load_config
-from kvseg.data import SegmentationDataset, Split, find_samples, read_split_file, resolve_split, write_split
+from kvseg.data import SegmentationDataset, Split, find_samples, resolve_split, write_split
 from kvseg.errors import CheckpointError, DatasetNotFoundError, KvsegError
 from kvseg.metrics import SegmentationMetrics
 from kvseg.model import build_model
@@ -407,10 +407,7 @@ def _resume_progress(run_dir: Path, cfg: Config) -> tuple[Path, RunProgress, Spl
             f"{run_dir}: checkpoint was trained with model {previous.model} at image size {previous.data.image_size}; "
             f"cannot resume with model {cfg.model} at image size {cfg.data.image_size}"
         )
-    samples = find_samples(cfg.data.root)
-    split = Split(
-        read_split_file(run_dir / "train.txt", samples), read_split_file(run_dir / "test.txt", samples), "run folder"
-    )
+    split = resolve_split(run_dir, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction)
     progress = RunProgress(epoch=stored["epoch"], history=stored["history"], best_iou=stored["best_iou"])
     return state_dir, progress, split
 
