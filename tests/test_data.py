@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import disk_mask
 from kvseg.data import (
     SegmentationDataset,
     find_samples,
@@ -22,38 +23,6 @@ from kvseg.errors import (
     OrphanMaskError,
     SplitError,
 )
-
-
-def _write(path: Path, array: np.ndarray, flags: tuple[int, ...] = ()) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = array[..., ::-1] if array.ndim == 3 else array
-    assert cv2.imwrite(str(path), np.ascontiguousarray(data), list(flags))
-
-
-def _disk_mask(h: int, w: int) -> np.ndarray:
-    mask = np.zeros((h, w), np.uint8)
-    cv2.circle(mask, (w // 2, h // 2), min(h, w) // 3, 1, -1)
-    return mask
-
-
-@pytest.fixture()
-def generic_root(tmp_path: Path) -> Path:
-    """Generic layout: mixed extensions and sizes, RGB / 0-1 / JPEG masks, no split files."""
-    root = tmp_path / "generic"
-    rng = np.random.default_rng(0)
-    shapes = {"a": (60, 80), "b": (100, 70), "c": (64, 64), "d": (90, 120), "e": (50, 50)}
-    for name, (h, w) in shapes.items():
-        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-        ext = {"a": ".jpg", "b": ".png", "c": ".tif", "d": ".bmp", "e": ".jpeg"}[name]
-        _write(root / "images" / f"{name}{ext}", image)
-    _write(root / "masks" / "a.png", _disk_mask(60, 80) * 255)
-    _write(root / "masks" / "b.png", np.dstack([_disk_mask(100, 70) * 255] * 3))  # RGB mask
-    _write(root / "masks" / "c.png", _disk_mask(64, 64))  # 0/1 mask
-    _write(root / "masks" / "d.jpg", _disk_mask(90, 120) * 255, (cv2.IMWRITE_JPEG_QUALITY, 60))  # grey edges
-    red = np.zeros((50, 50, 3), np.uint8)
-    red[..., 0] = _disk_mask(50, 50) * 255  # a pure-red mask, as some tools save them
-    _write(root / "masks" / "e.bmp", red)
-    return root
 
 
 def test_reads_official_layout(synthetic_root: Path) -> None:
@@ -75,7 +44,7 @@ def test_reads_generic_layout(generic_root: Path) -> None:
         image = read_image(sample.image)
         assert mask.shape == image.shape[:2]
         assert set(np.unique(mask)) == {0, 1}
-        expected = _disk_mask(*mask.shape)
+        expected = disk_mask(*mask.shape)
         assert np.mean(mask != expected) < 0.01, sample.mask
     jpeg = cv2.imread(str(samples["d"].mask), cv2.IMREAD_GRAYSCALE)
     assert len(np.unique(jpeg)) > 2  # the JPEG mask really has grey values

@@ -141,6 +141,18 @@ def test_a_second_process_on_a_live_run_folder_is_refused(two_process_run: tuple
     assert "another training process" in message
 
 
+def test_trains_on_a_generic_folder_without_split_files(generic_root: Path, tmp_path: Path) -> None:
+    before = sorted(p.relative_to(generic_root) for p in generic_root.rglob("*"))
+    result = _python("--data-dir", str(generic_root), "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "g",
+                     "--set", "data.test_fraction=0.4", "--set", "eval.tta=[]", *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "split from seed 0" in result.stdout
+    run_dir = tmp_path / "g"
+    assert len((run_dir / "train.txt").read_text().split()) == 3 and len((run_dir / "test.txt").read_text().split()) == 2
+    assert sorted(p.relative_to(generic_root) for p in generic_root.rglob("*")) == before  # data folder untouched
+    assert json.loads((run_dir / "metrics.json").read_text())["num_images"] == 2
+
+
 def test_state_left_by_a_crashed_swap_is_still_found(tmp_path: Path) -> None:
     checkpoints = tmp_path / "run" / "checkpoints"
     (checkpoints / "state.old").mkdir(parents=True)
