@@ -5,11 +5,15 @@
 #
 #   bash benchmarks/gpu.sh [RESULTS_DIR]      # default: benchmarks/results
 #
+# TensorRT builds an engine per input shape (minutes each); it is left out unless asked for:
+#   BACKENDS=torch-fp32,torch-fast,ort-fp32,ort-int8,ort-cuda-fp32,ort-cuda-fp16,ort-tensorrt bash benchmarks/gpu.sh
+#
 # Needs kvseg's dependencies importable (pip install -e . or PYTHONPATH with the wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-benchmarks/results}
 epochs=${EPOCHS:-4}
+backends=${BACKENDS:-torch-fp32,torch-fast,ort-fp32,ort-int8,ort-cuda-fp32,ort-cuda-fp16}
 run=runs/gpu-h100
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1
@@ -32,7 +36,7 @@ export PYTHONUNBUFFERED=1
     echo "export wall time: $(( $(date +%s) - start )) s"
 
     echo "== benchmark"
-    python benchmark.py --run "$run" --batch-sizes 1,8,32 --iters 30 --warmup 10 --train-steps 30
+    python benchmark.py --run "$run" --backends "$backends" --batch-sizes 1,8,32 --iters 30 --warmup 10 --train-steps 30
 } 2>&1 | tee "$results/gpu_log.txt"
 
 cp "$run/benchmark.md" "$results/gpu_benchmark.md"

@@ -339,8 +339,9 @@ def _train_steps(model: nn.Module, loader: DataLoader, steps: int, warmup: int, 
 def measure_training(cfg: Config, train_set: SegmentationDataset, steps: int, warmup: int) -> dict:
     """The harness's training step against a plain fp32 NCHW loop of the same model, in one process.
 
-    Harness: ``Accelerator`` with the precision kvseg picks (``--mixed-precision auto``),
-    channels_last, DataLoader workers and the shared cache, as ``train_ddp.py`` runs by default.
+    Harness: ``Accelerator`` with the precision kvseg picks (``--mixed-precision auto``; bf16 on a
+    GPU that has it, as the GPU launcher files set), channels_last, DataLoader workers and the
+    shared cache, as ``train_ddp.py`` runs by default.
     Plain: fp32, NCHW, no workers, no cache — the loop a study would write.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -369,7 +370,10 @@ def measure_training(cfg: Config, train_set: SegmentationDataset, steps: int, wa
     loader = DataLoader(make_set(cache=False), batch_size=cfg.train.batch_size, shuffle=True, num_workers=0)
     results["plain_fp32_nchw"] = _train_steps(model, loader, steps, warmup, plain_step)
 
-    accelerator = Accelerator(cpu=no_accelerator(), mixed_precision=resolve_mixed_precision("auto"))
+    precision = resolve_mixed_precision("auto")
+    if device == "cuda" and precision == "no" and torch.cuda.is_bf16_supported():
+        precision = "bf16"  # what configs/accelerate/gpu_*.yaml launch with
+    accelerator = Accelerator(cpu=no_accelerator(), mixed_precision=precision)
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(1)
     torch.manual_seed(0)
     model = build_model(cfg.model).to(memory_format=torch.channels_last)
