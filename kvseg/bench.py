@@ -289,11 +289,8 @@ def measure_parity(backends: dict[str, Backend], test_set: SegmentationDataset, 
     metrics = {name: SegmentationMetrics(threshold=threshold) for name in backends}
     differing = dict.fromkeys(backends, 0)
     total = 0
-    for start in range(0, len(test_set), batch_size):
-        items = [test_set[i] for i in range(start, min(len(test_set), start + batch_size))]
-        images = torch.stack([image for image, _, _ in items]).numpy()
-        masks = torch.stack([mask for _, mask, _ in items])
-        outputs = {name: backend.run(images) for name, backend in backends.items()}
+    for images, masks, _ in DataLoader(test_set, batch_size=batch_size):
+        outputs = {name: backend.run(images.numpy()) for name, backend in backends.items()}
         reference = outputs.get("torch-fp32")
         for name, logits in outputs.items():
             metrics[name].update(torch.from_numpy(logits), masks)

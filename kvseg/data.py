@@ -174,15 +174,21 @@ def read_mask(path: str | Path, threshold: int = 128) -> np.ndarray:
     return (mask >= threshold).astype(np.uint8)
 
 
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize an image to ``size`` x ``size``: area interpolation when shrinking, linear when growing."""
+    if image.shape[:2] == (size, size):
+        return image
+    shrink = image.shape[0] > size or image.shape[1] > size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to ``size`` x ``size``: the image with area/linear interpolation, the mask by nearest neighbour."""
+    """Resize to ``size`` x ``size``: the image by :func:`resize_image`, the mask by nearest neighbour."""
     if image.shape[:2] != mask.shape[:2]:
         raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but mask is {mask.shape[1]}x{mask.shape[0]}")
     if image.shape[:2] != (size, size):
-        shrink = image.shape[0] > size or image.shape[1] > size
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
-    return image, mask
+    return resize_image(image, size), mask
 
 
 class SegmentationDataset(Dataset):

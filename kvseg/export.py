@@ -28,6 +28,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 import kvseg
 from kvseg.checkpoint import load_run_datasets, load_trained_model
@@ -268,14 +269,10 @@ def measure_parity(
 
 
 def _batches(dataset: SegmentationDataset, batch_size: int, limit: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    out = []
-    for start in range(0, count, batch_size):
-        items = [dataset[i] for i in range(start, min(count, start + batch_size))]
-        images = torch.stack([image for image, _, _ in items]).numpy()
-        masks = torch.stack([mask for _, mask, _ in items]).numpy()
-        out.append((images, masks))
-    return out
+    """(images, masks) numpy batches of the first ``limit`` samples (all by default)."""
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    return [(images.numpy(), masks.numpy()) for images, masks, _ in DataLoader(dataset, batch_size=batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------

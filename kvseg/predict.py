@@ -26,7 +26,7 @@ from rich.progress import track
 
 from kvseg.checkpoint import load_trained_model
 from kvseg.cli import run_cli
-from kvseg.data import IMAGE_EXTENSIONS, read_image
+from kvseg.data import IMAGE_EXTENSIONS, read_image, resize_image
 from kvseg.errors import CheckpointError, KvsegError
 from kvseg.export import read_metadata
 from kvseg.plots import overlay
@@ -46,9 +46,7 @@ class Predictor:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """RGB uint8 (H, W, 3) -> normalised float32 (3, S, S), as the eval pipeline does."""
-        size = self.image_size
-        shrink = image.shape[0] > size or image.shape[1] > size
-        resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        resized = resize_image(image, self.image_size)
         normalised = (resized.astype(np.float32) / self.max_pixel_value - self.mean) / self.std
         return normalised.transpose(2, 0, 1).astype(np.float32)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from kvseg.checkpoint import load_run_datasets, load_trained_model
 from kvseg.cli import run_cli
@@ -60,9 +61,14 @@ def _iou(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.logical_and(truth, predicted).sum() / union) if union else 1.0
 
 
+def _model_input(dataset: SegmentationDataset, image: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """The eval pipeline's tensor (1, 3, S, S) for an image already decoded by ``dataset.load``."""
+    return dataset.transform(image=image, mask=mask)["image"][None]
+
+
 def _predicted(model: UNet, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
     image, mask = dataset.load(index)
-    tensor = dataset[index][0][None]
+    tensor = _model_input(dataset, image, mask)
     predicted = (torch.sigmoid(_logits(model, tensor))[0, 0] > threshold).numpy()
     return {"image": image, "truth": mask.astype(bool), "predicted": predicted, "iou": _iou(mask.astype(bool), predicted)}
 
@@ -70,9 +76,8 @@ def _predicted(model: UNet, dataset: SegmentationDataset, index: int, threshold:
 def evaluate_plain(model: UNet, dataset: SegmentationDataset, threshold: float, batch_size: int = 8) -> dict:
     """Test metrics in this process (for a run whose metrics.json is missing)."""
     metrics = SegmentationMetrics(threshold=threshold)
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        metrics.update(_logits(model, torch.stack([i[0] for i in items])), torch.stack([i[1] for i in items]))
+    for images, masks, _ in DataLoader(dataset, batch_size=batch_size):
+        metrics.update(_logits(model, images), masks)
     result = metrics.compute()
     result["per_image_iou"] = {s.id: float(v) for s, v in zip(dataset.samples, metrics.per_image()["iou"])}
     return result
@@ -102,7 +107,7 @@ def feature_maps(model: UNet, image: torch.Tensor) -> dict[str, np.ndarray]:
 def augmentation_panel(model: UNet, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
     """One test image under each of :data:`AUGMENTATION_VERSIONS`, predictions mapped back."""
     image, mask = dataset.load(index)
-    tensor = dataset[index][0][None]
+    tensor = _model_input(dataset, image, mask)
     display = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
     versions = []
     for name in AUGMENTATION_VERSIONS:
