@@ -18,11 +18,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from kvseg.bench import BACKENDS, benchmark_run, to_markdown
+from kvseg.backends import BACKENDS
+from kvseg.bench import benchmark_run
+from kvseg.bench_report import to_markdown
 from kvseg.checkpoint import write_json_atomic
 from kvseg.cli import run_cli
 from kvseg.errors import KvsegError
-from kvseg.export import checkpoint_of, export_run, latest_run
+from kvseg.export import export_run
+from kvseg.runs import RunDir, latest_run
 
 
 def _int_list(text: str) -> list[int]:
@@ -64,25 +67,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.iters < 1 or args.warmup < 0 or args.train_steps < 0:
         raise KvsegError("--iters must be at least 1, --warmup and --train-steps at least 0")
     console = Console()
-    run_dir = Path(args.run) if args.run else latest_run(args.runs_dir)
-    checkpoint = checkpoint_of(run_dir)
-    needed = {"ort-int8": "model_int8.onnx", "ort-cuda-fp16": "model_fp16.onnx"}
-    missing = not (run_dir / "model.onnx").is_file() or any(
-        not (run_dir / needed[b]).is_file() for b in args.backends if b in needed
-    )
-    if missing:
-        console.print(f"exporting ONNX models of {run_dir} first")
-        export_run(checkpoint, run_dir / "model.onnx", run_dir=run_dir, fp16="ort-cuda-fp16" in args.backends,
-                   int8="ort-int8" in args.backends, data_dir=args.data_dir, log=console.print)
-    report = benchmark_run(run_dir, args.backends, args.batch_sizes, args.iters, args.warmup, args.train_steps,
+    run = RunDir(args.run) if args.run else latest_run(args.runs_dir)
+    model_precision = {"ort-fp32": "fp32", "ort-cuda-fp32": "fp32", "ort-tensorrt": "fp32", "ort-int8": "int8",
+                       "ort-cuda-fp16": "fp16"}
+    needed = {"fp32", *(model_precision[b] for b in args.backends if b in model_precision)}
+    if any(not run.onnx(p).is_file() for p in needed):
+        run.load_model()  # a missing run or checkpoint is named before anything is exported
+        console.print(f"exporting ONNX models of {run} first")
+        export_run(run.best, run.onnx("fp32"), run_dir=run.path, precisions=tuple(sorted(needed)),
+                   data_dir=args.data_dir, log=console.print)
+    report = benchmark_run(run, args.backends, args.batch_sizes, args.iters, args.warmup, args.train_steps,
                            data_dir=args.data_dir, log=lambda line: console.print(f"[dim]{line}[/dim]"))
     markdown = to_markdown(report)
     console.print(Markdown(markdown))
-    for json_path in [run_dir / "benchmark.json", *([Path(args.json)] if args.json else [])]:
+    for json_path in [run.benchmark_json, *([Path(args.json)] if args.json else [])]:
         write_json_atomic(json_path, report)
-    for md_path in [run_dir / "benchmark.md", *([Path(args.markdown)] if args.markdown else [])]:
+    for md_path in [run.benchmark_md, *([Path(args.markdown)] if args.markdown else [])]:
         md_path.write_text(markdown)
-    console.print(f"wrote {run_dir / 'benchmark.json'} and {run_dir / 'benchmark.md'}")
+    console.print(f"wrote {run.benchmark_json} and {run.benchmark_md}")
     if report["flagged"]:
         console.print(f"[bold red]parity flagged: {', '.join(report['flagged'])}[/bold red]")
 

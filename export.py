@@ -18,7 +18,10 @@ from pathlib import Path
 
 from kvseg.checkpoint import write_json_atomic
 from kvseg.cli import run_cli
-from kvseg.export import DEFAULT_OPSET, checkpoint_of, export_run, latest_run
+from kvseg.errors import CheckpointError
+from kvseg.export import export_run
+from kvseg.onnx_model import DEFAULT_OPSET
+from kvseg.runs import RunDir, latest_run
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,24 +45,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    run = None
     if args.checkpoint:
         checkpoint = Path(args.checkpoint)
-        run_dir = checkpoint.parent.parent if (checkpoint.parent.parent / "config.yaml").is_file() else None
+        if RunDir(checkpoint.parent.parent).config.is_file():
+            run = RunDir(checkpoint.parent.parent)
         output = Path(args.output) if args.output else checkpoint.with_suffix(".onnx")
     else:
-        run_dir = Path(args.run) if args.run else latest_run(args.runs_dir)
-        checkpoint = checkpoint_of(run_dir)
-        output = Path(args.output) if args.output else run_dir / "model.onnx"
+        run = RunDir(args.run) if args.run else latest_run(args.runs_dir)
+        if not run.path.is_dir():
+            raise CheckpointError(f"{run}: run folder not found")
+        checkpoint = run.best
+        output = Path(args.output) if args.output else run.onnx("fp32")
     if args.no_verify:
         print("warning: --no-verify: the models below are NOT checked against PyTorch", file=sys.stderr)
     print(f"exporting {checkpoint}")
+    precisions = ("fp32",) + ("fp16",) * args.fp16 + ("int8",) * args.int8
     report = export_run(
-        checkpoint, output, run_dir=run_dir, opset=args.opset, dynamic_hw=args.dynamic == "all",
-        fp16=args.fp16, int8=args.int8, verify=not args.no_verify, data_dir=args.data_dir,
+        checkpoint, output, run_dir=run.path if run else None, opset=args.opset, dynamic_hw=args.dynamic == "all",
+        precisions=precisions, verify=not args.no_verify, data_dir=args.data_dir,
         calibration_images=args.calibration_images,
     )
-    if run_dir is not None:
-        write_json_atomic(run_dir / "export.json", report.to_json())
+    if run is not None:
+        write_json_atomic(run.export_report, report.to_json())
 
 
 if __name__ == "__main__":

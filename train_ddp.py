@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from kvseg.cli import run_cli
 from kvseg.config import load_config
-from kvseg.errors import CheckpointError
+from kvseg.runs import open_run
 from kvseg.train import RunOptions, run_training
 
 FLAG_FIELDS = {
@@ -64,9 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
     config_file = args.config
     if args.resume:
-        config_file = Path(args.resume) / "config.yaml"
-        if not config_file.is_file():
-            raise CheckpointError(f"{args.resume}: not a run folder (expected config.yaml inside)")
+        config_file = open_run(args.resume).config
     cfg = load_config(config_file, overrides + args.set)
     options = RunOptions(data_dir_given=args.data_dir is not None, resume=args.resume, mixed_precision=args.mixed_precision)
     run_training(cfg, options)

@@ -1,7 +1,7 @@
-"""Files of a run: self-describing model checkpoints, atomic JSON, and loading a trained run back.
+"""Self-describing model checkpoints and atomic JSON files.
 
-A model checkpoint (``checkpoints/best.pt``, ``checkpoints/last.pt``) holds the weights, the
-resolved config and the test metrics; it is written atomically and read with ``weights_only=True``.
+A model checkpoint holds the weights, the resolved config and the metrics of its epoch; it is written
+atomically and read with ``weights_only=True``. Where checkpoints live is decided by :mod:`kvseg.runs`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 
 import kvseg
-from kvseg.augment import build_eval_transform
 from kvseg.config import Config, config_from_dict, config_to_dict
-from kvseg.data import SegmentationDataset, find_samples, resolve_split
 from kvseg.errors import CheckpointError
 from kvseg.model import UNet, build_model
 
@@ -88,21 +86,3 @@ def load_trained_model(checkpoint: str | Path) -> tuple[UNet, Config, dict]:
             f"{checkpoint}: weights do not fit the U-Net its config describes ({str(exc).splitlines()[0]})"
         ) from None
     return model.eval(), cfg, payload
-
-
-def load_run_datasets(
-    cfg: Config, run_dir: Path | None, data_dir: str | None = None
-) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """A run's train and test images through the eval pipeline (no random augmentation).
-
-    The split is the one saved in ``run_dir``; without one, it is resolved from the data folder
-    as training would. ``data_dir`` replaces the config's data root when the data moved.
-    """
-    root = Path(data_dir or cfg.data.root)
-    samples = find_samples(root)
-    split_folder = run_dir if run_dir is not None and (run_dir / "test.txt").is_file() else root
-    split = resolve_split(split_folder, samples, cfg.data.split_seed, cfg.data.test_fraction)
-    common = dict(image_size=cfg.data.image_size, transform=build_eval_transform(cfg.augment),
-                  mask_threshold=cfg.data.mask_threshold)
-    return (SegmentationDataset([samples[i] for i in split.train], **common),
-            SegmentationDataset([samples[i] for i in split.test], **common))

@@ -77,6 +77,7 @@ class TrainConfig:
     cpu_threads: int = 0  # torch threads per process when training on the CPU; 0: the cores each process gets
     sync_batchnorm: str = "auto"  # "auto" (on with several GPU processes), "on" or "off"
     threshold: float = 0.5  # probability above which a pixel is predicted instrument
+    loss: str = "bce"  # BCEWithLogitsLoss, the study's loss
 
 
 @dataclass
@@ -105,6 +106,7 @@ _CHOICES = {
     "model.upsample": ("transpose", "bilinear"),
     "train.scheduler": ("cosine", "none"),
     "train.sync_batchnorm": ("auto", "on", "off"),
+    "train.loss": ("bce",),
 }
 
 

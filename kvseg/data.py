@@ -1,4 +1,4 @@
-"""Reading a segmentation dataset folder: pairs, splits, decoding and the shared in-memory cache.
+"""Reading a segmentation dataset folder: image/mask pairs, splits, and decoding files.
 
 Two layouts are read by the same code:
 
@@ -7,19 +7,19 @@ Two layouts are read by the same code:
 * **Generic**: ``ROOT/images/`` and ``ROOT/masks/`` matched by file stem, any of the extensions in
   :data:`IMAGE_EXTENSIONS` on either side, masks in any mode (0/1, 0/255, RGB, JPEG with grey edges),
   images of any size, and no split files: the split is then drawn from a seed.
+
+The PyTorch ``Dataset`` over these pairs is in :mod:`kvseg.dataset`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from kvseg.errors import (
     CorruptImageError,
@@ -189,85 +189,3 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     if image.shape[:2] != (size, size):
         mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
     return resize_image(image, size), mask
-
-
-class SegmentationDataset(Dataset):
-    """Image/mask pairs, resized, augmented and returned as ``(image, mask, index)``.
-
-    ``image`` is what ``transform`` returns (a normalised float tensor (3, S, S) for kvseg's
-    pipelines), ``mask`` a uint8 tensor (1, S, S) in {0, 1} and ``index`` the position in ``samples``.
-
-    With ``cache=True`` the decoded, resized uint8 arrays live in shared memory, allocated once in
-    the process that builds the dataset: DataLoader workers fill it on first read and every worker,
-    in every later epoch, reads from the same memory instead of decoding again.
-
-    Random augmentations are seeded per sample from ``(seed, epoch, index)``, so they are
-    reproducible for a seed, differ across epochs, workers and processes, and do not depend on the
-    number of workers (see :meth:`set_epoch`).
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        image_size: int,
-        transform: Callable | None = None,
-        mask_threshold: int = 128,
-        cache: bool = False,
-        seed: int = 0,
-    ) -> None:
-        if not samples:
-            raise EmptyDatasetError("dataset split is empty; expected at least one image")
-        self.samples = list(samples)
-        self.image_size = image_size
-        self.transform = transform
-        self.mask_threshold = mask_threshold
-        self.seed = seed
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        if cache:
-            n, s = len(self.samples), image_size
-            self._cache = (
-                torch.empty((n, s, s, 3), dtype=torch.uint8).share_memory_(),
-                torch.empty((n, s, s), dtype=torch.uint8).share_memory_(),
-                torch.zeros(n, dtype=torch.bool).share_memory_(),
-            )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of ``epoch``; call before iterating a DataLoader over it."""
-        self._epoch.fill_(epoch)
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded, resized uint8 image (S, S, 3) and {0, 1} mask (S, S), from the cache when filled."""
-        if self._cache is not None and bool(self._cache[2][index]):
-            return self._cache[0][index].numpy(), self._cache[1][index].numpy()
-        sample = self.samples[index]
-        image = read_image(sample.image)
-        mask = read_mask(sample.mask, self.mask_threshold)
-        if image.shape[:2] != mask.shape[:2]:
-            raise CorruptImageError(
-                f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{image.shape[1]}x{image.shape[0]}; expected the same size"
-            )
-        image, mask = resize_pair(image, mask, self.image_size)
-        if self._cache is not None:
-            self._cache[0][index] = torch.from_numpy(image)
-            self._cache[1][index] = torch.from_numpy(mask)
-            self._cache[2][index] = True
-        return image, mask
-
-    def sample_seed(self, index: int) -> int:
-        """Seed of the random augmentation of sample ``index`` in the current epoch."""
-        sequence = np.random.SeedSequence([self.seed, int(self._epoch), index])
-        return int(sequence.generate_state(1)[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image, mask = self.load(index)
-        if self.transform is None:
-            return torch.from_numpy(image.copy()), torch.from_numpy(mask.copy())[None], index
-        if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(self.sample_seed(index))
-        out = self.transform(image=image, mask=mask)
-        return out["image"], torch.as_tensor(out["mask"], dtype=torch.uint8)[None], index

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 HISTOGRAM_BINS = 2**16
 LOGIT_SCALE = 4.0
@@ -97,30 +96,65 @@ def ranking_curves(positives: np.ndarray, negatives: np.ndarray, max_points: int
     }
 
 
+@dataclass(frozen=True)
+class Scores:
+    """The six overlap scores of :data:`SCORES`, each in [0, 1]."""
+
+    iou: float
+    dice: float
+    precision: float
+    recall: float
+    accuracy: float
+    specificity: float
+
+    @classmethod
+    def mean_of(cls, per_image: dict[str, np.ndarray]) -> Scores:
+        """The mean of per-image score arrays (the ``per_image`` convention)."""
+        return cls(**{name: float(np.mean(per_image[name])) for name in SCORES})
+
+
+@dataclass(frozen=True)
+class ConfusionMatrix:
+    """Pixel counts over a whole split: true negatives, false positives, false negatives, true positives."""
+
+    tn: int
+    fp: int
+    fn: int
+    tp: int
+
+
 @dataclass
 class SegmentationMetrics:
-    """Accumulates loss, confusion counts and a logit histogram over batches; see the module doc."""
+    """Accumulates confusion counts, per-image losses and a logit histogram over batches; see the module doc.
+
+    The loss is not computed here: the caller passes the per-image values of the loss it optimises,
+    so that the reported loss is always the training loss.
+    """
 
     threshold: float = 0.5
     _counts: list[np.ndarray] = field(default_factory=list, repr=False)  # per batch: (B, 4) tp fp fn tn
-    _losses: list[np.ndarray] = field(default_factory=list, repr=False)  # per batch: (B,) mean BCE
+    _losses: list[np.ndarray] = field(default_factory=list, repr=False)  # per batch: (B,) loss per image
     _histogram: torch.Tensor = field(default_factory=lambda: torch.zeros(2, HISTOGRAM_BINS, dtype=torch.int64), repr=False)
 
+    @property
+    def logit_threshold(self) -> float:
+        """The probability threshold as a logit, log(t / (1 - t))."""
+        return logit_of(self.threshold)
+
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, masks: torch.Tensor) -> None:
-        """Add a batch: ``logits`` (B, 1, H, W) float and ``masks`` (B, 1, H, W) in {0, 1}."""
+    def update(self, logits: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor | None = None) -> None:
+        """Add a batch: ``logits`` (B, 1, H, W) float, ``masks`` (B, 1, H, W) in {0, 1}, ``losses`` (B,) or None."""
         logits = logits.detach().float()
         target = masks.to(device=logits.device, dtype=torch.bool)
-        logit_threshold = math.log(self.threshold / (1 - self.threshold))
-        predicted = logits > logit_threshold
+        predicted = logits > self.logit_threshold
         dims = tuple(range(1, logits.ndim))
         tp = (predicted & target).sum(dims)
         fp = (predicted & ~target).sum(dims)
         fn = (~predicted & target).sum(dims)
         tn = (~predicted & ~target).sum(dims)
         self._counts.append(torch.stack([tp, fp, fn, tn], dim=1).cpu().numpy())
-        loss = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").mean(dims)
-        self._losses.append(loss.cpu().numpy().astype(np.float64))
+        if losses is not None:
+            self._losses.append(losses.detach().double().cpu().numpy().reshape(-1))
         scaled = (torch.atan(logits / LOGIT_SCALE) / math.pi + 0.5) * HISTOGRAM_BINS  # monotone, in [0, BINS]
         bins = scaled.long().clamp_(0, HISTOGRAM_BINS - 1).flatten() + target.flatten().long() * HISTOGRAM_BINS
         self._histogram += torch.bincount(bins, minlength=2 * HISTOGRAM_BINS).view(2, -1).cpu()
@@ -129,31 +163,36 @@ class SegmentationMetrics:
     def num_images(self) -> int:
         return sum(len(c) for c in self._counts)
 
-    def per_image(self) -> dict[str, np.ndarray]:
-        """Every score and the loss for each image, in the order the images were added."""
-        counts = np.concatenate(self._counts) if self._counts else np.zeros((0, 4), np.int64)
-        scores = scores_from_counts(*counts.T)
-        scores["loss"] = np.concatenate(self._losses) if self._losses else np.zeros(0)
-        return scores
+    def counts(self) -> np.ndarray:
+        """Per-image confusion counts (N, 4): tp, fp, fn, tn, in the order the images were added."""
+        return np.concatenate(self._counts) if self._counts else np.zeros((0, 4), np.int64)
 
-    def compute(self) -> dict:
-        """Loss, scores under both conventions, confusion matrix, AP and ROC AUC."""
-        if not self._counts:
-            raise ValueError("no batch was added to the metrics")
-        counts = np.concatenate(self._counts)
-        tp, fp, fn, tn = (int(v) for v in counts.sum(axis=0))
-        dataset = scores_from_counts(tp, fp, fn, tn)
-        per_image = self.per_image()
-        positives, negatives = self._histogram[1].numpy(), self._histogram[0].numpy()
-        average_precision, roc_auc = ranking_scores(positives, negatives)
-        return {
-            "loss": float(per_image["loss"].mean()),
-            "dataset": {name: float(dataset[name]) for name in SCORES},
-            "per_image": {name: float(per_image[name].mean()) for name in SCORES},
-            "average_precision": average_precision,
-            "roc_auc": roc_auc,
-            "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-            "num_images": len(counts),
-            "threshold": self.threshold,
-            "curves": ranking_curves(positives, negatives),
-        }
+    def losses(self) -> np.ndarray | None:
+        """Per-image losses (N,), or None when no loss was passed."""
+        return np.concatenate(self._losses) if self._losses else None
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Every score for each image (arrays of shape (N,)), in the order the images were added."""
+        return scores_from_counts(*self.counts().T)
+
+    def confusion_matrix(self) -> ConfusionMatrix:
+        tp, fp, fn, tn = (int(v) for v in self.counts().sum(axis=0))
+        return ConfusionMatrix(tn=tn, fp=fp, fn=fn, tp=tp)
+
+    def dataset(self) -> Scores:
+        """Scores of the pixels summed over the whole set (the ``dataset`` convention)."""
+        cm = self.confusion_matrix()
+        return Scores(**{k: float(v) for k, v in scores_from_counts(cm.tp, cm.fp, cm.fn, cm.tn).items()})
+
+    def ranking(self) -> tuple[float, float]:
+        """(average precision, ROC AUC); NaN where undefined (see :func:`ranking_scores`)."""
+        return ranking_scores(self._histogram[1].numpy(), self._histogram[0].numpy())
+
+    def curves(self) -> dict:
+        """Precision-recall and ROC curve points (see :func:`ranking_curves`)."""
+        return ranking_curves(self._histogram[1].numpy(), self._histogram[0].numpy())
+
+
+def logit_of(probability: float) -> float:
+    """The logit log(p / (1 - p)) of a probability threshold in (0, 1): a pixel is positive when its logit is above it."""
+    return math.log(probability / (1 - probability))

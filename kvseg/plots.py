@@ -32,7 +32,7 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     if tested:
         ax.plot([h["epoch"] for h in tested], [h["test_loss"] for h in tested], marker="s", label="test")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("BCE loss")
+    ax.set_ylabel("loss")
     ax.set_title("Loss per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -51,14 +51,18 @@ def plot_metrics(metrics: dict, path: str | Path) -> Path:
     ax.bar([i + width / 2 for i in x], dataset, width, label="dataset-level")
     extra = {"AP": metrics["average_precision"], "ROC AUC": metrics["roc_auc"]}
     for offset, (name, value) in enumerate(extra.items(), start=len(names)):
-        ax.bar(offset, value if value == value else 0.0, width, color="tab:green")
+        if value is None:  # undefined, e.g. no instrument pixel in the split: say so instead of a bar
+            ax.annotate("undefined", (offset, 0.02), ha="center", va="bottom", fontsize=7, rotation=90)
+        else:
+            ax.bar(offset, value, width, color="tab:green")
         names.append(name)
     for bar in ax.patches:
         ax.annotate(f"{bar.get_height():.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylim(0, 1.2)
-    ax.set_title(f"Test metrics ({metrics['num_images']} images, loss {metrics['loss']:.4f})")
+    loss = f", {metrics['loss_name']} loss {metrics['loss']:.4f}" if metrics.get("loss") is not None else ""
+    ax.set_title(f"Test metrics ({metrics['num_images']} images{loss})")
     ax.legend(loc="upper center", ncol=2, fontsize=8)
     return _save(fig, path, dpi=120)
 

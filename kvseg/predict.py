@@ -14,54 +14,54 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
-import onnxruntime as ort
 import torch
 from rich.progress import track
 
-from kvseg.checkpoint import load_trained_model
+from kvseg.augment import build_eval_transform
+from kvseg.backends import onnx_logits, onnx_session
 from kvseg.cli import run_cli
+from kvseg.config import AugmentConfig
 from kvseg.data import IMAGE_EXTENSIONS, read_image, resize_image
 from kvseg.errors import CheckpointError, KvsegError
-from kvseg.export import read_metadata
+from kvseg.evaluate import LogitsFn, torch_logits
+from kvseg.onnx_model import read_metadata
 from kvseg.plots import overlay
-from kvseg.tta import ALL_TRANSFORMS, tta_logits
+from kvseg.runs import RunDir
+from kvseg.tta import ALL_TRANSFORMS, with_tta
 
 
 @dataclass
 class Predictor:
-    """Logits for normalised (B, 3, S, S) float32 batches, and how to prepare them."""
+    """A logits function and how to prepare its input: resize to ``image_size``, the eval pipeline's normalisation."""
 
-    logits: Callable[[np.ndarray], np.ndarray]
+    logits: LogitsFn
     image_size: int
-    mean: np.ndarray
-    std: np.ndarray
+    transform: A.Compose
     threshold: float
-    max_pixel_value: float = 255.0
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        """RGB uint8 (H, W, 3) -> normalised float32 (3, S, S), as the eval pipeline does."""
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """RGB uint8 (H, W, 3) -> normalised float32 (3, S, S), exactly as evaluation prepares a test image."""
         resized = resize_image(image, self.image_size)
-        normalised = (resized.astype(np.float32) / self.max_pixel_value - self.mean) / self.std
-        return normalised.transpose(2, 0, 1).astype(np.float32)
+        return self.transform(image=resized)["image"]
+
+    def probabilities(self, images: list[np.ndarray], tta: bool = False) -> np.ndarray:
+        """Instrument probabilities (N, S, S) float32 of RGB uint8 images, at the model's size."""
+        logits_fn = with_tta(self.logits, ALL_TRANSFORMS) if tta else self.logits
+        logits = logits_fn(torch.stack([self.prepare(image) for image in images]))
+        return torch.sigmoid(logits.float())[:, 0].numpy()
 
 
 def torch_predictor(run_dir: str | Path) -> Predictor:
-    """The best checkpoint of a run, in fp32 on the CPU."""
-    checkpoint = Path(run_dir) / "checkpoints" / "best.pt"
-    model, cfg, _ = load_trained_model(checkpoint)
-
-    def logits(batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(batch)).numpy()
-
-    return Predictor(logits, cfg.data.image_size, np.array(cfg.augment.mean, np.float32),
-                     np.array(cfg.augment.std, np.float32), cfg.train.threshold)
+    """The selected (best) checkpoint of a run, in fp32 on the CPU."""
+    model, cfg, _ = RunDir(run_dir).load_model()
+    return Predictor(torch_logits(model), cfg.data.image_size, build_eval_transform(cfg.augment), cfg.train.threshold)
 
 
 def onnx_predictor(path: str | Path) -> Predictor:
@@ -71,15 +71,14 @@ def onnx_predictor(path: str | Path) -> Predictor:
         raise CheckpointError(f"{path}: ONNX model not found")
     try:
         meta = read_metadata(path)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
     except Exception as exc:  # onnx and onnxruntime raise their own types for a damaged file
         raise CheckpointError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0][:160]})") from None
     missing = [key for key in ("image_size", "mean", "std", "threshold") if key not in meta]
     if missing:
         raise CheckpointError(f"{path}: no kvseg metadata ({', '.join(missing)}); expected a model written by export.py")
-    return Predictor(lambda batch: session.run(["logits"], {"image": batch})[0], int(meta["image_size"]),
-                     np.array(meta["mean"], np.float32), np.array(meta["std"], np.float32), float(meta["threshold"]),
-                     float(meta.get("max_pixel_value", 255.0)))
+    transform = build_eval_transform(AugmentConfig(mean=list(meta["mean"]), std=list(meta["std"])))
+    return Predictor(onnx_logits(session), int(meta["image_size"]), transform, float(meta["threshold"]))
 
 
 def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
@@ -111,13 +110,6 @@ def predict_files(
     """Masks and overlays of ``files`` in ``out_dir``; returns written files and unreadable inputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written, problems, used_names = [], [], set()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        if not tta:
-            return predictor.logits(batch)
-        predict = lambda x: torch.from_numpy(predictor.logits(np.ascontiguousarray(x.numpy())))  # noqa: E731
-        return tta_logits(predict, torch.from_numpy(batch), ALL_TRANSFORMS).numpy()
-
     batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     for batch_files in track(batches, description="segmenting", disable=not sys.stdout.isatty()):
         images, kept = [], []
@@ -129,8 +121,7 @@ def predict_files(
                 problems.append(str(exc))
         if not kept:
             continue
-        probabilities = 1 / (1 + np.exp(-run(np.stack([predictor.prepare(image) for image in images]))))
-        for path, image, probability in zip(kept, images, probabilities[:, 0]):
+        for path, image, probability in zip(kept, images, predictor.probabilities(images, tta)):
             height, width = image.shape[:2]
             mask = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR) > predictor.threshold
             name = path.stem

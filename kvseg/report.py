@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kvseg.checkpoint import load_run_datasets, load_trained_model
 from kvseg.cli import run_cli
 from kvseg.config import config_to_dict
-from kvseg.data import SegmentationDataset
-from kvseg.errors import CheckpointError
-from kvseg.metrics import SCORES, SegmentationMetrics
+from kvseg.dataset import SegmentationDataset
+from kvseg.evaluate import evaluate, torch_logits
+from kvseg.losses import build_loss
+from kvseg.metrics import SCORES
 from kvseg.model import UNet
 from kvseg.plots import (
     plot_augmentations,
@@ -37,6 +37,7 @@ from kvseg.plots import (
     plot_pr_roc,
     plot_predictions,
 )
+from kvseg.runs import RunDir
 from kvseg.tta import DIHEDRAL
 
 FIGURES = {
@@ -49,11 +50,6 @@ FIGURES = {
     "feature_maps.png": "Feature maps of one test image, strongest channels per layer",
 }
 AUGMENTATION_VERSIONS = ("identity", "rot90", "hflip", "vflip", "transpose")
-
-
-@torch.no_grad()
-def _logits(model: UNet, images: torch.Tensor) -> torch.Tensor:
-    return model(images).float()
 
 
 def _iou(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -69,18 +65,8 @@ def _model_input(dataset: SegmentationDataset, image: np.ndarray, mask: np.ndarr
 def _predicted(model: UNet, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
     image, mask = dataset.load(index)
     tensor = _model_input(dataset, image, mask)
-    predicted = (torch.sigmoid(_logits(model, tensor))[0, 0] > threshold).numpy()
+    predicted = (torch.sigmoid(torch_logits(model)(tensor))[0, 0] > threshold).numpy()
     return {"image": image, "truth": mask.astype(bool), "predicted": predicted, "iou": _iou(mask.astype(bool), predicted)}
-
-
-def evaluate_plain(model: UNet, dataset: SegmentationDataset, threshold: float, batch_size: int = 8) -> dict:
-    """Test metrics in this process (for a run whose metrics.json is missing)."""
-    metrics = SegmentationMetrics(threshold=threshold)
-    for images, masks, _ in DataLoader(dataset, batch_size=batch_size):
-        metrics.update(_logits(model, images), masks)
-    result = metrics.compute()
-    result["per_image_iou"] = {s.id: float(v) for s, v in zip(dataset.samples, metrics.per_image()["iou"])}
-    return result
 
 
 def feature_maps(model: UNet, image: torch.Tensor) -> dict[str, np.ndarray]:
@@ -97,7 +83,7 @@ def feature_maps(model: UNet, image: torch.Tensor) -> dict[str, np.ndarray]:
         for name, module in layers.items()
     ]
     try:
-        _logits(model, image[None])
+        torch_logits(model)(image[None])
     finally:
         for handle in handles:
             handle.remove()
@@ -112,7 +98,7 @@ def augmentation_panel(model: UNet, dataset: SegmentationDataset, index: int, th
     versions = []
     for name in AUGMENTATION_VERSIONS:
         forward, inverse = DIHEDRAL[name]
-        probabilities = torch.sigmoid(inverse(_logits(model, forward(tensor))))[0, 0]
+        probabilities = torch.sigmoid(inverse(torch_logits(model)(forward(tensor))))[0, 0]
         predicted = (probabilities > threshold).numpy()
         augmented = forward(display)[0].permute(1, 2, 0).numpy()
         versions.append((name, augmented, predicted, _iou(mask.astype(bool), predicted)))
@@ -123,22 +109,28 @@ def _metrics_table(metrics: dict) -> str:
     columns = [("plain, per-image", metrics["per_image"]), ("plain, dataset", metrics["dataset"])]
     tta = metrics.get("tta")
     if tta:
-        columns += [(f"TTA ({len(tta['tta_transforms'])}), per-image", tta["per_image"]),
-                    (f"TTA ({len(tta['tta_transforms'])}), dataset", tta["dataset"])]
+        columns += [(f"TTA ({len(tta['transforms'])}), per-image", tta["per_image"]),
+                    (f"TTA ({len(tta['transforms'])}), dataset", tta["dataset"])]
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
     rows = "".join(
         f"<tr><td>{score}</td>" + "".join(f"<td>{values[score]:.4f}</td>" for _, values in columns) + "</tr>"
         for score in SCORES
     )
-    extra = [("test loss (BCE)", "loss"), ("average precision", "average_precision"), ("ROC AUC", "roc_auc")]
+    extra = [(f"test loss ({metrics.get('loss_name') or 'none'})", "loss"), ("average precision", "average_precision"),
+             ("ROC AUC", "roc_auc")]
     for label, key in extra:
-        plain = metrics.get(key)
-        cells = f"<td>{plain:.4f}</td><td></td>" if plain is not None else "<td>-</td><td></td>"
-        if tta:
-            value = tta.get(key)
-            cells += (f"<td>{value:.4f}</td><td></td>" if value is not None else "<td>-</td><td></td>")
+        cells = "".join(_value_cell(result, key) + "<td></td>" for result in ([metrics, tta] if tta else [metrics]))
         rows += f"<tr><td>{label}</td>{cells}</tr>"
     return f"<table><tr><th>score</th>{head}</tr>{rows}</table>"
+
+
+def _value_cell(result: dict, key: str) -> str:
+    """A table cell with ``result[key]``, or "undefined" and the reason when it has none."""
+    value = result.get(key)
+    if value is not None:
+        return f"<td>{value:.4f}</td>"
+    reason = result.get("undefined", {}).get(key, "not computed")
+    return f'<td title="{html.escape(reason)}">undefined ({html.escape(reason)})</td>'
 
 
 def write_index(run_dir: Path, metrics: dict, config: dict, environment: dict | None) -> Path:
@@ -175,33 +167,40 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 {figures}
 </body></html>
 """
-    path = run_dir / "index.html"
+    path = RunDir(run_dir).index
     path.write_text(page)
     return path
 
 
 def write_report(run_dir: str | Path, data_dir: str | None = None, train_images: int = 4, test_images: int = 8) -> list[Path]:
-    """(Re)create every figure and index.html of ``run_dir``; returns the files written."""
-    run_dir = Path(run_dir)
-    checkpoint = run_dir / "checkpoints" / "best.pt"
-    if not checkpoint.is_file():
-        raise CheckpointError(f"{checkpoint}: checkpoint not found (expected a run folder written by train_ddp.py)")
-    model, cfg, _ = load_trained_model(checkpoint)
-    threshold = cfg.train.threshold
-    train_set, test_set = load_run_datasets(cfg, run_dir, data_dir)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else evaluate_plain(model, test_set, threshold)
-    history_path = run_dir / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    written = [plot_metrics(metrics, run_dir / "metrics.png"), plot_confusion_matrix(metrics, run_dir / "confusion_matrix.png")]
-    if history:
-        written.append(plot_loss_curve(history, run_dir / "loss_curve.png"))
-    if metrics.get("curves", {}).get("recall"):
-        written.append(plot_pr_roc(metrics, run_dir / "pr_roc.png"))
+    """(Re)create every figure and index.html of ``run_dir``; returns the files written.
 
-    per_image = metrics.get("per_image_iou") or {}
+    Reads metrics.json; for a run without one, the best checkpoint is evaluated on the test split here.
+
+    Raises:
+        CheckpointError: the run folder or its best checkpoint is missing.
+    """
+    run = RunDir(run_dir)
+    model, cfg, _ = run.load_model()
+    datasets = run.eval_datasets(cfg, data_dir)
+    train_set, test_set = datasets["train"], datasets["test"]
+    if run.metrics.is_file():
+        metrics = json.loads(run.metrics.read_text())
+    else:
+        result = evaluate(torch_logits(model), DataLoader(test_set, batch_size=cfg.train.batch_size),
+                          cfg.train.threshold, build_loss(cfg.train), cfg.train.loss)
+        metrics = result.to_json()
+    threshold = metrics["threshold"]
+    history = json.loads(run.history.read_text()) if run.history.is_file() else []
+    written = [plot_metrics(metrics, run.path / "metrics.png"), plot_confusion_matrix(metrics, run.path / "confusion_matrix.png")]
+    if history:
+        written.append(plot_loss_curve(history, run.path / "loss_curve.png"))
+    if metrics.get("curves", {}).get("recall"):
+        written.append(plot_pr_roc(metrics, run.path / "pr_roc.png"))
+
+    iou_of = {row["id"]: row["iou"] for row in metrics.get("images", [])}
     test_index = {sample.id: i for i, sample in enumerate(test_set.samples)}
-    worst = sorted(test_index, key=lambda sample_id: per_image.get(sample_id, 0.0))[:test_images]
+    worst = sorted(test_index, key=lambda sample_id: iou_of.get(sample_id, 0.0))[:test_images]
     rows = []
     for index in range(min(train_images, len(train_set))):
         shown = _predicted(model, train_set, index, threshold)
@@ -209,14 +208,12 @@ def write_report(run_dir: str | Path, data_dir: str | None = None, train_images:
     for sample_id in worst:
         shown = _predicted(model, test_set, test_index[sample_id], threshold)
         rows.append({**shown, "title": f"test {sample_id}: IoU {shown['iou']:.3f}"})
-    written.append(plot_predictions(rows, run_dir / "predictions.png"))
+    written.append(plot_predictions(rows, run.path / "predictions.png"))
     panels = [augmentation_panel(model, test_set, i, threshold) for i in range(min(3, len(test_set)))]
-    written.append(plot_augmentations(panels, run_dir / "augmentations.png"))
-    written.append(plot_feature_maps(feature_maps(model, test_set[0][0]), run_dir / "feature_maps.png"))
-    config = config_to_dict(cfg)
-    environment_path = run_dir / "environment.json"
-    environment = json.loads(environment_path.read_text()) if environment_path.is_file() else None
-    written.append(write_index(run_dir, metrics, config, environment))
+    written.append(plot_augmentations(panels, run.path / "augmentations.png"))
+    written.append(plot_feature_maps(feature_maps(model, test_set[0][0]), run.path / "feature_maps.png"))
+    environment = json.loads(run.environment.read_text()) if run.environment.is_file() else None
+    written.append(write_index(run.path, metrics, config_to_dict(cfg), environment))
     return written
 
 

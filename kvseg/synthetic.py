@@ -12,7 +12,9 @@ grey at every brightness, highlights on tissue are white, and the vignette darke
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
 from pathlib import Path
@@ -20,7 +22,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import kvseg
+from kvseg.config import DataConfig
 from kvseg.data import SPLIT_FILES
+from kvseg.errors import DatasetNotFoundError
+
+DEFAULT_DATA_ROOT = DataConfig.root
+SYNTHETIC_ROOT = "data/synthetic-kvasir-instrument"
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: int) -> np.ndarray:
@@ -198,3 +206,36 @@ def write_synthetic_dataset(
     for filename, split in zip(SPLIT_FILES, (train, test)):
         (root / filename).write_text("".join(f"{i}\n" for i in split))
     return root
+
+
+def resolve_data_root(cfg: DataConfig, explicit: bool, accelerator) -> Path:
+    """The dataset folder to train on: ``cfg.root``, or the synthetic stand-in when nothing is there.
+
+    Falls back to synthetic data only when ``cfg.root`` is the default location, it does not exist
+    and no data folder was given explicitly (``explicit``). The stand-in is written once by the main
+    process into a temporary folder renamed into place, and again only when its settings change
+    (``synthetic.json`` records them).
+
+    Raises:
+        DatasetNotFoundError: an explicitly named folder does not exist.
+    """
+    root = Path(cfg.root)
+    if root.exists():
+        return root
+    if explicit or cfg.root != DEFAULT_DATA_ROOT:
+        raise DatasetNotFoundError(f"{root}: dataset folder not found (expected images/ and masks/ inside)")
+    synthetic = Path(SYNTHETIC_ROOT)
+    recipe = {"num_images": cfg.synthetic_images, "size": cfg.synthetic_size,
+              "test_fraction": cfg.synthetic_test_fraction, "seed": cfg.split_seed}
+    accelerator.print(f"No dataset at {root}; training on the synthetic stand-in in {synthetic}.")
+    with accelerator.main_process_first():
+        recipe_file = synthetic / "synthetic.json"
+        stamp = {**recipe, "kvseg_version": kvseg.__version__}
+        if accelerator.is_main_process and (not recipe_file.is_file() or json.loads(recipe_file.read_text()) != stamp):
+            shutil.rmtree(synthetic, ignore_errors=True)
+            tmp = synthetic.with_name(synthetic.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_synthetic_dataset(tmp, **recipe)
+            (tmp / "synthetic.json").write_text(json.dumps(stamp, indent=2))
+            tmp.rename(synthetic)
+    return synthetic

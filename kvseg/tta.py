@@ -49,3 +49,9 @@ def tta_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
         total = probabilities if total is None else total + probabilities
     mean = (total / len(names)).clamp(_EPSILON, 1 - _EPSILON)
     return torch.logit(mean)
+
+
+def with_tta(logits_fn: Callable[[torch.Tensor], torch.Tensor], names: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A logits function that averages ``logits_fn`` over the transforms ``names`` (see :func:`tta_logits`)."""
+    check_transforms(names)
+    return lambda images: tta_logits(logits_fn, images, names)

@@ -6,7 +6,8 @@ from torch.utils.data import DataLoader
 
 from kvseg.augment import build_eval_transform, build_train_transform
 from kvseg.config import AugmentConfig
-from kvseg.data import Sample, SegmentationDataset
+from kvseg.data import Sample
+from kvseg.dataset import SegmentationDataset
 from kvseg.synthetic import write_synthetic_dataset
 
 

@@ -28,8 +28,8 @@ def _benchmark(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def benchmarked(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    run_dir = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("bench") / "run"))
+def benchmarked(fresh_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run_dir = Path(shutil.copytree(fresh_run, tmp_path_factory.mktemp("bench") / "run"))
     _benchmark(run_dir, "--train-steps", "2", "--backends", "torch-fp32,torch-fast,ort-fp32,ort-int8,ort-cuda-fp32")
     return run_dir, json.loads((run_dir / "benchmark.json").read_text())
 
@@ -49,7 +49,7 @@ def test_report_has_every_field(benchmarked: tuple[Path, dict]) -> None:
     for loop in ("plain_fp32_nchw", "harness"):
         assert training[loop]["images_per_s"] > 0
         assert training[loop]["speedup_vs_study"] == pytest.approx(300 / training[loop]["projected_epoch_s"])
-    assert report["training_history"]["epochs"] == 6
+    assert report["training_history"]["epochs"] == 8
     markdown = (run_dir / "benchmark.md").read_text()
     assert "| ort-int8 | 2 |" in markdown and "Training speed" in markdown
 

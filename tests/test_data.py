@@ -8,13 +8,13 @@ from torch.utils.data import DataLoader
 
 from conftest import disk_mask
 from kvseg.data import (
-    SegmentationDataset,
     find_samples,
     read_image,
     read_mask,
     resolve_split,
     write_split,
 )
+from kvseg.dataset import SegmentationDataset
 from kvseg.errors import (
     CorruptImageError,
     DatasetNotFoundError,

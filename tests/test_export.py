@@ -1,4 +1,4 @@
-"""export.py and kvseg.export: parity at another shape, metadata, int8, fail-closed, errors."""
+"""export.py and kvseg.export on a freshly trained model: parity at another shape, metadata, rules, fail-closed, errors."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ import kvseg.export
 from conftest import REPO
 from kvseg.checkpoint import load_trained_model
 from kvseg.errors import CheckpointError
-from kvseg.export import VerificationError, export_run, read_metadata
+from kvseg.export import VerificationError, export_run
+from kvseg.onnx_model import read_metadata
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    run_dir = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("export") / "run"))
+def exported(fresh_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = Path(shutil.copytree(fresh_run, tmp_path_factory.mktemp("export") / "run"))
     result = subprocess.run([sys.executable, str(REPO / "export.py"), "--run", str(run_dir), "--fp16", "--int8"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,10 +60,10 @@ def test_metadata_round_trip(exported: tuple[Path, subprocess.CompletedProcess])
     for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16"), ("model_int8.onnx", "int8")):
         meta = read_metadata(run_dir / name)
         assert meta["precision"] == precision
-        assert meta["image_size"] == 64 and meta["input_multiple"] == 8 and meta["depth"] == 3
+        assert meta["image_size"] == 64 and meta["input_multiple"] == 8 and meta["depth"] == 3 and meta["opset"] == 18
         assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["threshold"] == 0.5
         assert meta["config"] == checkpoint["config"]
-        assert meta["metrics"]["per_image"]["iou"] == pytest.approx(checkpoint["metrics"]["per_image"]["iou"])
+        assert meta["metrics"] == checkpoint["metrics"]
 
 
 def test_fp16_and_int8_report_their_iou_change(exported: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -72,30 +73,48 @@ def test_fp16_and_int8_report_their_iou_change(exported: tuple[Path, subprocess.
     report = json.loads((run_dir / "export.json").read_text())
     by_precision = {m["precision"]: m for m in report["models"]}
     assert set(by_precision) == {"fp32", "fp16", "int8"}
-    assert by_precision["fp32"]["parity"]["max_abs_diff"] <= 1e-4
+    assert by_precision["fp32"]["agreement"]["max_abs_diff"] <= 1e-4
     assert by_precision["int8"]["size_bytes"] < by_precision["fp16"]["size_bytes"] < by_precision["fp32"]["size_bytes"]
     assert abs(by_precision["int8"]["iou_change"]) <= 0.01
-    assert by_precision["int8"]["parity"]["max_abs_diff"] > 1e-4  # really quantised
+    assert by_precision["int8"]["agreement"]["max_abs_diff"] > 1e-4  # really quantised
+    assert "test IoU drop" in by_precision["fp16"]["rule"] and abs(by_precision["fp16"]["iou_change"]) <= 0.005
     assert "test IoU" in result.stdout and "int8" in result.stdout
     quantized = onnx.load(str(run_dir / "model_int8.onnx"))
     assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
 
 
-def test_failed_verification_leaves_no_model(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_verification_leaves_no_model(fresh_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kvseg.export, "FP32_MAX_ABS", 0.0)
     output = tmp_path / "model.onnx"
     with pytest.raises(VerificationError, match=r"max \|logit diff\|"):
-        export_run(tiny_run / "checkpoints" / "best.pt", output, run_dir=tiny_run, log=lambda _: None)
+        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_that_loses_iou_fails_closed(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_that_loses_iou_fails_closed(fresh_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kvseg.export, "INT8_MAX_IOU_DROP", -1.0)  # any int8 model now "loses" too much
     output = tmp_path / "model.onnx"
     with pytest.raises(VerificationError, match=r"int8 verification failed: test IoU .* limit -1"):
-        export_run(tiny_run / "checkpoints" / "best.pt", output, run_dir=tiny_run, int8=True, log=lambda _: None)
+        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "int8"),
+                   log=lambda _: None)
     assert output.is_file()  # the verified fp32 model stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_fp16_can_fail_its_rule(fresh_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kvseg.export, "FP16_MIN_SAME_CLASS", 1.01)  # no fp16 model can reach this
+    output = tmp_path / "model.onnx"
+    with pytest.raises(VerificationError, match=r"fp16 verification failed: same class on"):
+        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "fp16"),
+                   log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_an_opset_that_cannot_be_written_is_an_error(fresh_run: Path, tmp_path: Path) -> None:
+    message = _export_error("--run", str(fresh_run), "--output", str(tmp_path / "model_op11.onnx"), "--opset", "11",
+                            "--no-verify")
+    assert "opset 11 cannot be honoured" in message and "opset 18" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def _export_error(*args: str) -> str:
@@ -106,21 +125,21 @@ def _export_error(*args: str) -> str:
     return lines[0]
 
 
-def test_errors(tiny_run: Path, tmp_path: Path) -> None:
+def test_errors(fresh_run: Path, tmp_path: Path) -> None:
     assert "run folder not found" in _export_error("--run", str(tmp_path / "nope"))
     assert "no run with checkpoints" in _export_error("--runs-dir", str(tmp_path))
     assert "checkpoint not found" in _export_error("--checkpoint", str(tmp_path / "missing.pt"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
     assert "cannot read checkpoint" in _export_error("--checkpoint", str(garbage))
-    payload = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    payload = torch.load(fresh_run / "checkpoints" / "best.pt", weights_only=True)
     payload["config"]["model"]["base_channels"] = 16
     other = tmp_path / "other.pt"
     torch.save(payload, other)
     assert "do not fit" in _export_error("--checkpoint", str(other))
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    message = _export_error("--run", str(tiny_run), "--output", str(blocker / "model.onnx"), "--no-verify")
+    message = _export_error("--run", str(fresh_run), "--output", str(blocker / "model.onnx"), "--no-verify")
     assert "cannot write" in message
 
 

@@ -1,4 +1,4 @@
-import math
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +13,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from kvseg.metrics import SegmentationMetrics, scores_from_counts
+from conftest import score
+from kvseg.metrics import scores_from_counts
 
 BIG = 30.0  # a logit far from the threshold
 
@@ -27,9 +28,7 @@ def _batch(prediction: list[list[int]], target: list[list[int]]) -> tuple[torch.
 def test_hand_computed_case() -> None:
     # 2x3 image: tp=2, fp=1, fn=1, tn=2
     logits, masks = _batch([[1, 1, 1], [0, 0, 0]], [[1, 1, 0], [1, 0, 0]])
-    metrics = SegmentationMetrics()
-    metrics.update(logits, masks)
-    result = metrics.compute()
+    result = score(logits, masks).to_json()
     assert result["confusion_matrix"] == {"tn": 2, "fp": 1, "fn": 1, "tp": 2}
     assert result["dataset"]["iou"] == pytest.approx(2 / 4)
     assert result["dataset"]["dice"] == pytest.approx(4 / 6)
@@ -38,8 +37,10 @@ def test_hand_computed_case() -> None:
     assert result["dataset"]["accuracy"] == pytest.approx(4 / 6)
     assert result["dataset"]["specificity"] == pytest.approx(2 / 3)
     assert result["per_image"] == result["dataset"]
-    # perfect ranking of saturated logits: AP and AUC are not 1 because the fp/fn pixels are wrong
-    assert result["loss"] == pytest.approx(2 / 6 * BIG, rel=1e-4)
+    # two pixels wrong by a saturated logit each: BCE is 2 * BIG spread over 6 pixels
+    assert result["loss"] == pytest.approx(2 / 6 * BIG, rel=1e-4) and result["loss_name"] == "bce"
+    row = result["images"][0]
+    assert row["true_fraction"] == pytest.approx(3 / 6) and row["predicted_fraction"] == pytest.approx(3 / 6)
 
 
 def test_empty_mask_and_empty_prediction() -> None:
@@ -52,25 +53,20 @@ def test_empty_mask_and_empty_prediction() -> None:
 
 
 def test_per_image_mean_differs_from_dataset_level() -> None:
-    metrics = SegmentationMetrics()
-    metrics.update(*_batch([[1, 1], [1, 1]], [[1, 1], [1, 1]]))  # IoU 1 on 4 pixels
-    metrics.update(*_batch([[1, 0], [0, 0]], [[0, 1], [0, 0]]))  # IoU 0
-    result = metrics.compute()
-    assert result["per_image"]["iou"] == pytest.approx(0.5)
-    assert result["dataset"]["iou"] == pytest.approx(4 / 6)
-    assert metrics.num_images == 2
+    first = _batch([[1, 1], [1, 1]], [[1, 1], [1, 1]])  # IoU 1 on 4 pixels
+    second = _batch([[1, 0], [0, 0]], [[0, 1], [0, 0]])  # IoU 0
+    result = score(torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]]), batch_size=1)
+    assert result.per_image.iou == pytest.approx(0.5)
+    assert result.dataset.iou == pytest.approx(4 / 6)
+    assert result.num_images == 2 and [row.iou for row in result.images] == [1.0, 0.0]
 
 
 def test_agrees_with_scikit_learn_and_batching_does_not_matter() -> None:
     generator = torch.Generator().manual_seed(0)
     masks = (torch.rand(10, 1, 24, 24, generator=generator) > 0.7).float()
     logits = torch.randn(10, 1, 24, 24, generator=generator) * 2.5 + (masks * 2 - 1) * 1.5
-    whole, batched = SegmentationMetrics(), SegmentationMetrics()
-    whole.update(logits, masks)
-    for start in range(0, 10, 3):
-        batched.update(logits[start : start + 3], masks[start : start + 3])
-    result = batched.compute()
-    assert result == whole.compute()
+    result = score(logits, masks, batch_size=3).to_json()
+    assert result == score(logits, masks).to_json()
     y, s = masks.flatten().numpy(), logits.flatten().numpy()
     predicted = s > 0
     assert result["dataset"]["iou"] == pytest.approx(jaccard_score(y, predicted))
@@ -90,9 +86,7 @@ def test_saturated_logits_stay_within_tolerance() -> None:
     generator = torch.Generator().manual_seed(1)
     masks = (torch.rand(4, 1, 32, 32, generator=generator) > 0.8).float()
     logits = torch.randn(4, 1, 32, 32, generator=generator) * 12 + (masks * 2 - 1) * 6
-    metrics = SegmentationMetrics()
-    metrics.update(logits, masks)
-    result = metrics.compute()
+    result = score(logits, masks).to_json()
     y, s = masks.flatten().numpy(), logits.flatten().numpy()
     assert abs(result["average_precision"] - average_precision_score(y, s)) < 1e-3
     assert abs(result["roc_auc"] - roc_auc_score(y, s)) < 1e-3
@@ -101,14 +95,13 @@ def test_saturated_logits_stay_within_tolerance() -> None:
 def test_threshold_is_applied_on_probabilities() -> None:
     logits = torch.tensor([[[[0.5, 1.5]]]])  # probabilities 0.62, 0.82
     masks = torch.tensor([[[[1.0, 1.0]]]])
-    strict = SegmentationMetrics(threshold=0.7)
-    strict.update(logits, masks)
-    assert strict.compute()["confusion_matrix"]["tp"] == 1
+    assert score(logits, masks, threshold=0.7).confusion_matrix.tp == 1
+    assert score(logits, masks, threshold=0.5).confusion_matrix.tp == 2
 
 
-def test_no_positive_pixel_gives_nan_ranking_scores() -> None:
-    metrics = SegmentationMetrics()
-    metrics.update(torch.full((1, 1, 4, 4), -BIG), torch.zeros(1, 1, 4, 4))
-    result = metrics.compute()
-    assert math.isnan(result["average_precision"]) and math.isnan(result["roc_auc"])
-    assert result["per_image"]["iou"] == 1.0
+def test_no_positive_pixel_leaves_ranking_scores_undefined_with_a_reason() -> None:
+    result = score(torch.full((1, 1, 4, 4), -BIG), torch.zeros(1, 1, 4, 4))
+    assert result.average_precision is None and result.roc_auc is None
+    assert "no instrument pixel" in result.undefined["average_precision"]
+    assert result.per_image.iou == 1.0
+    assert json.loads(json.dumps(result.to_json(), allow_nan=False))["roc_auc"] is None  # valid JSON, no NaN

@@ -17,7 +17,9 @@ import torch
 
 from conftest import REPO, TINY_TRAINING
 from kvseg.checkpoint import load_trained_model
-from kvseg.train import state_dir_of
+from kvseg.report import FIGURES
+from kvseg.runs import RunDir
+from kvseg.tta import ALL_TRANSFORMS
 
 TINY = TINY_TRAINING
 TWO_CPU_PROCESSES = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml")]
@@ -54,7 +56,7 @@ def test_two_processes_print_one_line_per_epoch(two_process_run: tuple[Path, sub
         matching = [line for line in lines if line.startswith(f"Epoch [{epoch}/2], Average Loss: ")]
         assert len(matching) == 1, result.stdout  # main process only
         assert "images/s" in matching[0]
-    assert sum(line.startswith("Test Loss: ") for line in lines) == 1
+    assert sum(line.startswith("Test Loss (bce): ") for line in lines) == 1
 
 
 def test_run_folder_contents(two_process_run: tuple[Path, subprocess.CompletedProcess], synthetic_root: Path) -> None:
@@ -71,13 +73,26 @@ def test_run_folder_contents(two_process_run: tuple[Path, subprocess.CompletedPr
     assert environment["num_processes"] == 2
     metrics = _metrics(run_dir)
     test_ids = (synthetic_root / "test.txt").read_text().split()
-    assert metrics["num_images"] == len(test_ids) == len(metrics["per_image_iou"])  # no padded duplicates
+    ids = [row["id"] for row in metrics["images"]]
+    assert metrics["num_images"] == len(test_ids) == len(set(ids))  # no padded duplicates
+    assert sorted(ids) == sorted(test_ids)
     cm = metrics["confusion_matrix"]
     assert sum(cm.values()) == len(test_ids) * 64 * 64
     model, _, payload = load_trained_model(run_dir / "checkpoints" / "last.pt")
     assert payload["epoch"] == 2 and payload["config"]["model"]["base_channels"] == 8
     assert payload["metrics"]["per_image"]["iou"] == pytest.approx(metrics["per_image"]["iou"])
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_training_writes_the_report_and_tta_metrics(two_process_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    run_dir, _ = two_process_run
+    for name in [*FIGURES, "index.html"]:
+        assert (run_dir / name).is_file(), name
+    metrics = _metrics(run_dir)
+    assert metrics["tta"]["transforms"] == list(ALL_TRANSFORMS) and metrics["transforms"] == []
+    assert 0 <= metrics["tta"]["per_image"]["iou"] <= 1
+    assert metrics["tta"]["per_image"]["iou"] != metrics["per_image"]["iou"]  # really a different evaluation
+    assert "TTA (8), per-image" in (run_dir / "index.html").read_text()
 
 
 def test_one_process_evaluation_equals_two(two_process_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
@@ -158,7 +173,7 @@ def test_state_left_by_a_crashed_swap_is_still_found(tmp_path: Path) -> None:
     (checkpoints / "state.old").mkdir(parents=True)
     (checkpoints / "state.old" / "progress.json").write_text("{}")
     (checkpoints / "state.tmp").mkdir()  # half-written, no progress.json
-    assert state_dir_of(tmp_path / "run") == checkpoints / "state.old"
+    assert RunDir(tmp_path / "run").state_dir() == checkpoints / "state.old"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root: Path, tmp_path: Path) -> None:

@@ -1,53 +1,58 @@
-"""A plain-PyTorch training loop over kvseg's parts: the pieces fit together and learn."""
+"""The training loop in-process: train_one_epoch and evaluate on a tiny U-Net learn the synthetic task."""
 
 from pathlib import Path
 
+import pytest
 import torch
-from torch.utils.data import DataLoader
+from accelerate import Accelerator
 
-from kvseg.augment import build_eval_transform, build_train_transform
-from kvseg.config import AugmentConfig
-from kvseg.data import SegmentationDataset, find_samples, resolve_split
-from kvseg.metrics import SegmentationMetrics
-from kvseg.model import UNet
-
-
-def _evaluate(model: UNet, loader: DataLoader) -> dict:
-    model.eval()
-    metrics = SegmentationMetrics()
-    with torch.no_grad():
-        for images, masks, _ in loader:
-            metrics.update(model(images), masks)
-    return metrics.compute()
+from kvseg.config import load_config
+from kvseg.data import find_samples, resolve_split
+from kvseg.dataset import build_dataloaders, build_datasets
+from kvseg.evaluate import evaluate, torch_logits
+from kvseg.losses import build_loss
+from kvseg.optim import build_optimizer
+from kvseg.train import prepare_model, train_one_epoch
 
 
-def test_loss_falls_and_iou_rises(synthetic_root: Path) -> None:
-    torch.manual_seed(0)
+@pytest.fixture(scope="module")
+def accelerator() -> Accelerator:
+    return Accelerator(cpu=True, mixed_precision="no")
+
+
+def test_loss_falls_and_iou_rises(synthetic_root: Path, accelerator: Accelerator) -> None:
+    cfg = load_config(overrides=["data.image_size=64", "data.num_workers=0", "model.base_channels=8", "model.depth=3",
+                                 "train.lr=0.01", "train.batch_size=4", "train.channels_last=false"])
     samples = find_samples(synthetic_root)
     split = resolve_split(synthetic_root, samples, seed=0, test_fraction=0.2)
-    cfg = AugmentConfig()
-    train_set = SegmentationDataset([samples[i] for i in split.train], 64, build_train_transform(cfg), cache=True)
-    test_set = SegmentationDataset([samples[i] for i in split.test], 64, build_eval_transform(cfg), cache=True)
-    train_loader = DataLoader(train_set, batch_size=4, shuffle=True)
-    test_loader = DataLoader(test_set, batch_size=8)
-    model = UNet(base_channels=8, depth=3)
-    untrained = _evaluate(model, test_loader)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    epoch_losses = []
+    datasets = build_datasets(cfg, samples, {"train": split.train, "test": split.test})
+    loaders = build_dataloaders(cfg, datasets)
+    torch.manual_seed(0)
+    model = prepare_model(cfg, accelerator)
+    optimizer, loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders["train"])
+    untrained = evaluate(torch_logits(model), loaders["test"], loss_fn=loss_fn, loss_name="bce")
+    losses = []
     for epoch in range(14):
-        train_set.set_epoch(epoch)
-        model.train()
-        total = 0.0
-        for images, masks, _ in train_loader:
-            loss = loss_fn(model(images), masks.float())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(images)
-        epoch_losses.append(total / len(train_set))
-    trained = _evaluate(model, test_loader)
-    assert epoch_losses[-1] < 0.5 * epoch_losses[0]
-    assert trained["loss"] < untrained["loss"]
-    assert trained["per_image"]["iou"] > untrained["per_image"]["iou"] + 0.3
-    assert trained["per_image"]["iou"] > 0.5
+        datasets["train"].set_epoch(epoch)
+        stats = train_one_epoch(model, train_loader, optimizer, loss_fn, accelerator, channels_last=False)
+        assert stats.images == len(split.train) and stats.seconds > 0
+        losses.append(stats.loss)
+    trained = evaluate(torch_logits(model), loaders["test"], loss_fn=loss_fn, loss_name="bce")
+    assert losses[-1] < 0.5 * losses[0]
+    assert trained.loss < untrained.loss
+    assert trained.per_image.iou > untrained.per_image.iou + 0.3
+    assert trained.per_image.iou > 0.5
+    assert [row.id for row in trained.images] == split.test  # every test image once, in order
+
+
+def test_max_steps_stops_early(synthetic_root: Path, accelerator: Accelerator) -> None:
+    cfg = load_config(overrides=["data.image_size=32", "data.num_workers=0", "model.base_channels=4", "model.depth=2",
+                                 "train.batch_size=2", "train.channels_last=false"])
+    samples = find_samples(synthetic_root)
+    datasets = build_datasets(cfg, samples, {"train": sorted(samples)[:10]})
+    model = prepare_model(cfg, accelerator)
+    optimizer = build_optimizer(model, cfg.train)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, build_dataloaders(cfg, datasets)["train"])
+    stats = train_one_epoch(model, loader, optimizer, build_loss(cfg.train), accelerator, False, max_steps=3)
+    assert stats.images == 6

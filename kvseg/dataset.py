@@ -1,0 +1,128 @@
+"""The PyTorch side of a dataset: :class:`SegmentationDataset` with its shared cache, and the loaders.
+
+A dataset reads image/mask pairs found by :mod:`kvseg.data`, resizes them, runs an albumentations
+pipeline from :mod:`kvseg.augment` and returns tensors; :func:`build_dataloaders` makes the
+train / evaluation loaders of a run with the worker policy of :mod:`kvseg.runtime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kvseg.augment import build_eval_transform, build_train_transform
+from kvseg.config import Config
+from kvseg.data import Sample, read_image, read_mask, resize_pair
+from kvseg.errors import CorruptImageError, EmptyDatasetError
+from kvseg.runtime import default_num_workers, init_worker
+
+
+class SegmentationDataset(Dataset):
+    """Image/mask pairs, resized, augmented and returned as ``(image, mask, index)``.
+
+    ``image`` is what ``transform`` returns (a normalised float tensor (3, S, S) for kvseg's
+    pipelines), ``mask`` a uint8 tensor (1, S, S) in {0, 1} and ``index`` the position in ``samples``.
+
+    With ``cache=True`` the decoded, resized uint8 arrays live in shared memory, allocated once in
+    the process that builds the dataset: DataLoader workers fill it on first read and every worker,
+    in every later epoch, reads from the same memory instead of decoding again.
+
+    Random augmentations are seeded per sample from ``(seed, epoch, index)``, so they are
+    reproducible for a seed, differ across epochs, workers and processes, and do not depend on the
+    number of workers (see :meth:`set_epoch`).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int,
+        transform: Callable | None = None,
+        mask_threshold: int = 128,
+        cache: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not samples:
+            raise EmptyDatasetError("dataset split is empty; expected at least one image")
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.transform = transform
+        self.mask_threshold = mask_threshold
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if cache:
+            n, s = len(self.samples), image_size
+            self._cache = (
+                torch.empty((n, s, s, 3), dtype=torch.uint8).share_memory_(),
+                torch.empty((n, s, s), dtype=torch.uint8).share_memory_(),
+                torch.zeros(n, dtype=torch.bool).share_memory_(),
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch``; call before iterating a DataLoader over it."""
+        self._epoch.fill_(epoch)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded, resized uint8 image (S, S, 3) and {0, 1} mask (S, S), from the cache when filled."""
+        if self._cache is not None and bool(self._cache[2][index]):
+            return self._cache[0][index].numpy(), self._cache[1][index].numpy()
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        mask = read_mask(sample.mask, self.mask_threshold)
+        if image.shape[:2] != mask.shape[:2]:
+            raise CorruptImageError(
+                f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                f"{image.shape[1]}x{image.shape[0]}; expected the same size"
+            )
+        image, mask = resize_pair(image, mask, self.image_size)
+        if self._cache is not None:
+            self._cache[0][index] = torch.from_numpy(image)
+            self._cache[1][index] = torch.from_numpy(mask)
+            self._cache[2][index] = True
+        return image, mask
+
+    def sample_seed(self, index: int) -> int:
+        """Seed of the random augmentation of sample ``index`` in the current epoch."""
+        sequence = np.random.SeedSequence([self.seed, int(self._epoch), index])
+        return int(sequence.generate_state(1)[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, mask = self.load(index)
+        if self.transform is None:
+            return torch.from_numpy(image.copy()), torch.from_numpy(mask.copy())[None], index
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(self.sample_seed(index))
+        out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(out["mask"], dtype=torch.uint8)[None], index
+
+
+def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], cache: bool | None = None,
+                   ) -> dict[str, SegmentationDataset]:
+    """One dataset per named split: ``train`` with the random training pipeline, the others with the eval one."""
+    common = dict(image_size=cfg.data.image_size, mask_threshold=cfg.data.mask_threshold,
+                  cache=cfg.data.cache if cache is None else cache)
+    return {
+        name: SegmentationDataset(
+            [samples[i] for i in ids],
+            transform=build_train_transform(cfg.augment) if name == "train" else build_eval_transform(cfg.augment),
+            seed=cfg.train.seed, **common,
+        )
+        for name, ids in split.items()
+    }
+
+
+def build_dataloaders(cfg: Config, datasets: dict[str, SegmentationDataset], num_processes: int = 1,
+                      pin_memory: bool = False) -> dict[str, DataLoader]:
+    """A loader per dataset; ``train`` shuffles. Workers (``data.num_workers``, -1: automatic) stay alive across epochs."""
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(num_processes)
+    return {
+        name: DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=name == "train", num_workers=workers,
+                         pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=init_worker)
+        for name, dataset in datasets.items()
+    }

@@ -1,0 +1,236 @@
+"""The one evaluation path: run a logits function over a loader and score it.
+
+Whatever produces the logits — the PyTorch model during training, the same model under test-time
+augmentation, an ONNX Runtime session, a benchmark backend — is a :class:`LogitsFn`, and
+:func:`evaluate` scores it on a split into an :class:`EvalResult`. Training, the report, export
+verification and the benchmark's parity check all call :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kvseg.metrics import ConfusionMatrix, Scores, SegmentationMetrics, logit_of
+from kvseg.tta import with_tta
+
+
+class LogitsFn(Protocol):
+    """Normalised images (B, 3, H, W) float32 -> logits (B, 1, H, W) float32 on the same device."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def torch_logits(model: nn.Module, channels_last: bool = False) -> LogitsFn:
+    """The logits function of a PyTorch model: eval mode, no gradients, float32 out.
+
+    A model prepared by ``accelerate`` runs under its autocast; ``channels_last`` converts the
+    input's memory layout as training does.
+    """
+
+    @torch.no_grad()
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        if model.training:
+            model.eval()
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return model(images).float()
+
+    return logits
+
+
+@dataclass
+class Agreement:
+    """How one logits function's outputs compare with a reference's on the same inputs."""
+
+    max_abs_diff: float = 0.0
+    mean_abs_diff: float = 0.0
+    same_class: float = 1.0  # fraction of pixels on the same side of the threshold
+    pixels: int = 0
+
+    def update(self, logits: torch.Tensor, reference: torch.Tensor, threshold: float) -> None:
+        """Add a batch of logits and the reference's logits for the same images (any equal shapes)."""
+        diff = (logits.double() - reference.double()).abs()
+        boundary = logit_of(threshold)
+        same = int(((logits > boundary) == (reference > boundary)).sum())
+        total = self.pixels + diff.numel()
+        self.mean_abs_diff = (self.mean_abs_diff * self.pixels + float(diff.sum())) / total
+        self.same_class = (self.same_class * self.pixels + same) / total
+        self.max_abs_diff = max(self.max_abs_diff, float(diff.max()))
+        self.pixels = total
+
+    def merged(self, other: Agreement) -> Agreement:
+        """The agreement over this one's pixels and ``other``'s together."""
+        total = self.pixels + other.pixels
+        return Agreement(max(self.max_abs_diff, other.max_abs_diff),
+                         (self.mean_abs_diff * self.pixels + other.mean_abs_diff * other.pixels) / total,
+                         (self.same_class * self.pixels + other.same_class * other.pixels) / total, total)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's scores: IoU, Dice, loss, and the instrument fraction of its mask and its prediction."""
+
+    id: str
+    iou: float
+    dice: float
+    loss: float | None
+    true_fraction: float
+    predicted_fraction: float
+
+
+@dataclass
+class EvalResult:
+    """Scores of one logits function on one split; see :mod:`kvseg.metrics` for the conventions.
+
+    ``average_precision`` and ``roc_auc`` are None when undefined (a split without instrument or
+    without background pixels); ``undefined`` says why. ``loss`` is the mean per-image value of the
+    loss named ``loss_name`` (None when no loss was given).
+    """
+
+    loss: float | None
+    loss_name: str | None
+    per_image: Scores
+    dataset: Scores
+    average_precision: float | None
+    roc_auc: float | None
+    confusion_matrix: ConfusionMatrix
+    threshold: float
+    images: list[ImageResult]
+    curves: dict
+    transforms: list[str] = field(default_factory=list)  # test-time augmentation; [] for plain
+    undefined: dict[str, str] = field(default_factory=dict)
+    agreement: Agreement | None = None  # against the reference logits function, when one was given
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (the form kept in metrics.json and checkpoints)."""
+        out = asdict(self)
+        out["num_images"] = self.num_images
+        return out
+
+    @classmethod
+    def from_json(cls, values: dict) -> EvalResult:
+        """Rebuild a result from :meth:`to_json`."""
+        values = {k: v for k, v in values.items() if k != "num_images"}
+        agreement = values.pop("agreement", None)
+        return cls(
+            **{**values, "per_image": Scores(**values["per_image"]), "dataset": Scores(**values["dataset"]),
+               "confusion_matrix": ConfusionMatrix(**values["confusion_matrix"]),
+               "images": [ImageResult(**row) for row in values["images"]]},
+            agreement=Agreement(**agreement) if agreement else None,
+        )
+
+    def line(self) -> str:
+        """One log line: loss, IoU under both conventions, Dice, AP, ROC AUC."""
+        loss = f"Loss ({self.loss_name}): {self.loss:.4f}, " if self.loss is not None else ""
+        ranking = ", ".join(
+            f"{label}: {value:.4f}" if value is not None else f"{label}: undefined"
+            for label, value in (("AP", self.average_precision), ("ROC AUC", self.roc_auc))
+        )
+        return (f"{loss}IoU: {self.per_image.iou:.4f} (per-image) {self.dataset.iou:.4f} (dataset), "
+                f"Dice: {self.per_image.dice:.4f}, {ranking}")
+
+
+def per_image_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
+                   masks: torch.Tensor) -> torch.Tensor:
+    """The loss of each image on its own, shape (B,): the batch mean of per-image losses is the reported loss."""
+    target = masks.float()
+    return torch.stack([loss_fn(logits[i : i + 1], target[i : i + 1]) for i in range(len(logits))]).float()
+
+
+@torch.no_grad()
+def evaluate(
+    logits_fn: LogitsFn,
+    loader: DataLoader,
+    threshold: float = 0.5,
+    loss_fn: nn.Module | None = None,
+    loss_name: str | None = None,
+    tta: Sequence[str] = (),
+    gather: Callable | None = None,
+    reference: LogitsFn | None = None,
+) -> EvalResult:
+    """Score ``logits_fn`` on every ``(images, masks, index)`` batch of ``loader``.
+
+    Args:
+        logits_fn: see :class:`LogitsFn`.
+        loader: yields normalised images (B, 3, H, W), masks (B, 1, H, W) in {0, 1} and dataset
+            indices (B,); ``loader.dataset.samples[index].id`` names each image.
+        threshold: probability above which a pixel is instrument.
+        loss_fn: the training loss (``loss_fn(logits, masks) -> scalar``), evaluated per image.
+        tta: dihedral transforms to average over (:mod:`kvseg.tta`); empty for a plain evaluation.
+        gather: ``accelerator.gather_for_metrics`` under several processes: every image is then
+            scored exactly once, on every process.
+        reference: a second logits function run on the same images (e.g. PyTorch fp32 against an
+            ONNX model); their :class:`Agreement` is returned in ``result.agreement``.
+
+    Raises:
+        ValueError: the loader yielded no batch.
+    """
+    if reference is not None and gather is not None:
+        raise ValueError("a reference comparison runs in one process; do not pass gather with it")
+    run = with_tta(logits_fn, tta) if tta else logits_fn
+    metrics = SegmentationMetrics(threshold=threshold)
+    agreement = Agreement() if reference is not None else None
+    indices: list[int] = []
+    for images, masks, index in loader:
+        logits = run(images).float()
+        losses = per_image_loss(loss_fn, logits, masks.to(logits.device)) if loss_fn is not None else None
+        if agreement is not None:
+            agreement.update(logits, reference(images).float(), threshold)
+        if gather is not None:
+            payload = (logits.contiguous(), masks, index) + ((losses,) if losses is not None else ())
+            logits, masks, index, *rest = gather(payload)
+            losses = rest[0] if rest else None
+        metrics.update(logits, masks, losses)
+        indices.extend(int(i) for i in index)
+    if not indices:
+        raise ValueError("the loader yielded no images to evaluate")
+    return _result(metrics, [loader.dataset.samples[i].id for i in indices], loss_name, list(tta), agreement)
+
+
+def _result(metrics: SegmentationMetrics, ids: list[str], loss_name: str | None, transforms: list[str],
+            agreement: Agreement | None) -> EvalResult:
+    counts = metrics.counts()
+    tp, fp, fn, tn = counts.T.astype(np.float64)
+    pixels = tp + fp + fn + tn
+    per_image = metrics.per_image()
+    losses = metrics.losses()
+    images = [
+        ImageResult(id=i, iou=float(per_image["iou"][k]), dice=float(per_image["dice"][k]),
+                    loss=float(losses[k]) if losses is not None else None,
+                    true_fraction=float((tp[k] + fn[k]) / pixels[k]), predicted_fraction=float((tp[k] + fp[k]) / pixels[k]))
+        for k, i in enumerate(ids)
+    ]
+    average_precision, roc_auc = metrics.ranking()
+    cm = metrics.confusion_matrix()
+    undefined = {}
+    if math.isnan(average_precision):
+        undefined["average_precision"] = "the split has no instrument pixel"
+    if math.isnan(roc_auc):
+        undefined["roc_auc"] = "the split has no instrument pixel" if cm.tp + cm.fn == 0 else "the split has no background pixel"
+    return EvalResult(
+        loss=float(np.mean(losses)) if losses is not None else None,
+        loss_name=loss_name,
+        per_image=Scores.mean_of(per_image),
+        dataset=metrics.dataset(),
+        average_precision=None if math.isnan(average_precision) else average_precision,
+        roc_auc=None if math.isnan(roc_auc) else roc_auc,
+        confusion_matrix=cm,
+        threshold=metrics.threshold,
+        images=images,
+        curves=metrics.curves(),
+        transforms=transforms,
+        undefined=undefined,
+        agreement=agreement,
+    )

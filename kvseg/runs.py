@@ -1,0 +1,275 @@
+"""A run folder and every file in it: names, creation, locking, resume state, checkpoints, finding runs.
+
+This is the only module that spells a file name inside a run folder (the report's figures are
+named by :mod:`kvseg.report`). Layout, as the README describes it::
+
+    RUN/config.yaml  train.txt  test.txt  environment.json  history.json  metrics.json  index.html
+    RUN/checkpoints/best.pt  last.pt  state/       (state/: accelerate's save_state + progress.json)
+    RUN/model.onnx  model_fp16.onnx  model_int8.onnx  export.json  benchmark.json  benchmark.md
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from kvseg.augment import build_eval_transform
+from kvseg.checkpoint import json_safe, load_trained_model, save_model_checkpoint, write_json_atomic
+from kvseg.config import Config, config_to_yaml, load_config
+from kvseg.data import Split, find_samples, resolve_split, write_split
+from kvseg.dataset import SegmentationDataset
+from kvseg.errors import CheckpointError
+from kvseg.evaluate import EvalResult
+from kvseg.model import UNet
+from kvseg.onnx_model import precision_path
+
+
+@dataclass
+class Progress:
+    """What a resumed run needs besides the accelerate state: completed epochs and the best so far."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int | None = None
+
+
+class RunDir:
+    """The folder of one training run, ``output_dir/run_name``."""
+
+    def __init__(self, path: str | Path | RunDir) -> None:
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config = property(lambda self: self.path / "config.yaml")
+    environment = property(lambda self: self.path / "environment.json")
+    history = property(lambda self: self.path / "history.json")
+    metrics = property(lambda self: self.path / "metrics.json")
+    index = property(lambda self: self.path / "index.html")
+    export_report = property(lambda self: self.path / "export.json")
+    benchmark_json = property(lambda self: self.path / "benchmark.json")
+    benchmark_md = property(lambda self: self.path / "benchmark.md")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    best = property(lambda self: self.path / "checkpoints" / "best.pt")
+    last = property(lambda self: self.path / "checkpoints" / "last.pt")
+
+    def onnx(self, precision: str = "fp32") -> Path:
+        """``model.onnx`` (fp32), ``model_fp16.onnx`` or ``model_int8.onnx``."""
+        return precision_path(self.path / "model.onnx", precision)
+
+    # -- the training state ------------------------------------------------------------------
+
+    def state_dir(self) -> Path:
+        """The accelerate state of the last completed epoch, falling back to one left by a crashed swap.
+
+        Raises:
+            CheckpointError: there is no completed epoch to resume from.
+        """
+        for candidate in (self.checkpoints / "state", self.checkpoints / "state.old"):
+            if (candidate / "progress.json").is_file():
+                return candidate
+        raise CheckpointError(f"{self.path}: no checkpoint to resume from (expected checkpoints/state/progress.json)")
+
+    def load_progress(self) -> tuple[Path, Progress]:
+        """The state folder to load and the :class:`Progress` saved with it."""
+        state = self.state_dir()
+        return state, Progress(**json.loads((state / "progress.json").read_text()))
+
+    def save_state(self, accelerator: Accelerator, progress: Progress) -> None:
+        """``save_state`` into a fresh folder, then swap it in: a crash leaves the previous state whole."""
+        tmp, current, old = (self.checkpoints / name for name in ("state.tmp", "state", "state.old"))
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / "progress.json", json_safe(asdict(progress)))
+            shutil.rmtree(old, ignore_errors=True)
+            if current.exists():
+                current.rename(old)
+            tmp.rename(current)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def lock(self, accelerator: Accelerator) -> object:
+        """Hold an exclusive lock on the folder for as long as the returned handle lives.
+
+        A second training process on the same folder (a resume started while the first run, or an
+        orphaned worker of it, still writes) stops with a clear error instead of interleaving
+        checkpoints. The lock dies with its process, SIGKILL included.
+
+        Raises:
+            CheckpointError: another process holds the lock.
+        """
+        handle, held = None, True
+        if accelerator.is_main_process:
+            handle = open(self.path / ".lock", "a+")  # noqa: SIM115 - kept open until training ends
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                held = False
+        flag = [held]
+        broadcast_object_list(flag)
+        if not flag[0]:
+            raise CheckpointError(f"{self.path}: another training process is still writing this run folder; stop it first")
+        return handle
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write_start(self, cfg: Config, split: Split, environment: dict) -> None:
+        """The resolved config, the split and the environment record, at the start of a run."""
+        write_split(split, self.path)
+        self.config.write_text(config_to_yaml(cfg))
+        write_json_atomic(self.environment, environment)
+
+    def write_history(self, history: list[dict]) -> None:
+        write_json_atomic(self.history, json_safe(history))
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json_atomic(self.metrics, json_safe(metrics))
+
+    # -- reading back -----------------------------------------------------------------------
+
+    def load_model(self) -> tuple[UNet, Config, dict]:
+        """The selected (best) model in fp32 eval mode, its config and its checkpoint payload."""
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: run folder not found")
+        if not self.best.is_file():
+            raise CheckpointError(f"{self.best}: checkpoint not found (expected a run folder written by train_ddp.py)")
+        return load_trained_model(self.best)
+
+    def split(self, cfg: Config, data_dir: str | Path | None = None) -> Split:
+        """The split this run used: its saved split files (else resolved from the data folder as training would)."""
+        root = Path(data_dir or cfg.data.root)
+        folder = self.path if (self.path / "test.txt").is_file() else root
+        return resolve_split(folder, find_samples(root), cfg.data.split_seed, cfg.data.test_fraction)
+
+    def eval_datasets(self, cfg: Config, data_dir: str | Path | None = None) -> dict[str, SegmentationDataset]:
+        """See :func:`eval_datasets`."""
+        return eval_datasets(cfg, self, data_dir)
+
+
+def eval_datasets(cfg: Config, run: RunDir | None, data_dir: str | Path | None = None) -> dict[str, SegmentationDataset]:
+    """A run's train and test images through the eval pipeline (no random augmentation), keyed by split.
+
+    The split is the one saved in ``run``; without a run, it is resolved from the data folder as
+    training would. ``data_dir`` replaces the config's data root when the data moved.
+    """
+    root = Path(data_dir or cfg.data.root)
+    samples = find_samples(root)
+    split = run.split(cfg, root) if run is not None else resolve_split(root, samples, cfg.data.split_seed,
+                                                                        cfg.data.test_fraction)
+    common = dict(image_size=cfg.data.image_size, transform=build_eval_transform(cfg.augment),
+                  mask_threshold=cfg.data.mask_threshold)
+    return {name: SegmentationDataset([samples[i] for i in getattr(split, name)], **common) for name in ("train", "test")}
+
+
+def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) -> RunDir:
+    """``output_dir/run_name`` (a time stamp when empty), the same on every process.
+
+    Raises:
+        CheckpointError: the folder already holds a run that can be resumed.
+    """
+    name = [run_name or datetime.now().strftime("%Y%m%d-%H%M%S")]
+    broadcast_object_list(name)
+    run = RunDir(Path(output_dir) / name[0])
+    if accelerator.is_main_process:
+        if run.last.is_file() or (run.checkpoints / "state").is_dir():
+            raise CheckpointError(f"{run}: run folder already holds checkpoints; use --resume {run} or another name")
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run
+
+
+def open_run(path: str | Path) -> RunDir:
+    """An existing run folder.
+
+    Raises:
+        CheckpointError: ``path`` is not a folder written by ``train_ddp.py``.
+    """
+    run = RunDir(path)
+    if not run.config.is_file():
+        raise CheckpointError(f"{run}: not a run folder (expected config.yaml inside)")
+    return run
+
+
+def resume_config(run: RunDir, cfg: Config) -> None:
+    """Check that ``cfg`` can continue ``run``: same model and image size as it was trained with.
+
+    Raises:
+        CheckpointError: the model or image size differ.
+    """
+    previous = load_config(run.config)
+    if previous.model != cfg.model or previous.data.image_size != cfg.data.image_size:
+        raise CheckpointError(
+            f"{run}: checkpoint was trained with model {previous.model} at image size {previous.data.image_size}; "
+            f"cannot resume with model {cfg.model} at image size {cfg.data.image_size}"
+        )
+
+
+def latest_run(output_dir: str | Path) -> RunDir:
+    """The run folder under ``output_dir`` whose best checkpoint is newest.
+
+    Raises:
+        CheckpointError: no run with a best checkpoint is there.
+    """
+    candidates = sorted((RunDir(p) for p in Path(output_dir).glob("*/") if p.is_dir()), key=lambda r: r.path.name)
+    finished = sorted((r for r in candidates if r.best.is_file()), key=lambda r: r.best.stat().st_mtime)
+    if not finished:
+        raise CheckpointError(
+            f"{output_dir}: no run with checkpoints/best.pt found (train one first, or pass --run / --checkpoint)"
+        )
+    return finished[-1]
+
+
+class CheckpointSaver:
+    """What is written when: ``last.pt`` after every epoch, ``best.pt`` when the monitored score improves.
+
+    ``score`` maps an evaluation to the number that selects (higher is better when ``mode`` is
+    ``"max"``); epochs without an evaluation only update ``last.pt``.
+    """
+
+    def __init__(self, run: RunDir, progress: Progress, score: Callable[[EvalResult], float], mode: str = "max",
+                 selected_on: str = "test") -> None:
+        self.run, self.progress, self.score, self.mode, self.selected_on = run, progress, score, mode, selected_on
+
+    def improves(self, value: float) -> bool:
+        best = self.progress.best_score
+        return best is None or (value > best if self.mode == "max" else value < best)
+
+    def save(self, model: torch.nn.Module, cfg: Config, epoch: int, result: EvalResult | None) -> bool:
+        """Write the checkpoints of ``epoch``; returns True when it became the best."""
+        summary = _summary(result)
+        save_model_checkpoint(self.run.last, model, cfg, epoch, summary)
+        if result is None or not self.improves(value := self.score(result)):
+            return False
+        self.progress.best_score, self.progress.best_epoch = value, epoch
+        selection = {"epoch": epoch, "split": self.selected_on, "score": value}
+        save_model_checkpoint(self.run.best, model, cfg, epoch, {**summary, "selection": selection})
+        return True
+
+
+def _summary(result: EvalResult | None) -> dict | None:
+    """An evaluation without its per-image rows and curves, as kept inside a checkpoint."""
+    if result is None:
+        return None
+    return {k: v for k, v in result.to_json().items() if k not in ("images", "curves")}
