@@ -33,6 +33,7 @@ from kvseg.augment import build_eval_transform, build_train_transform
 from kvseg.checkpoint import json_safe, save_model_checkpoint, write_json_atomic
 from kvseg.config import Config, DataConfig, config_to_yaml, load_config
 from kvseg.data import SegmentationDataset, Split, find_samples, resolve_split, write_split
+from kvseg.distributed import check_process_group
 from kvseg.errors import CheckpointError, DatasetNotFoundError, KvsegError
 from kvseg.metrics import SegmentationMetrics
 from kvseg.model import build_model
@@ -420,6 +421,7 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
     )
+    check_process_group(accelerator.num_processes)
     if options.resume:
         run_dir = Path(options.resume)
         state_dir, progress, split = _resume_progress(run_dir, cfg)
