@@ -26,7 +26,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     """Run ``main(argv)``; print a :class:`KvsegError` as ``error: <message>`` and return 2.
 
     With ``--debug`` among the arguments the error propagates with its traceback. In a
-    multi-process launch only the main process prints.
+    multi-process launch the main process of each machine prints (each machine has its own terminal).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -36,7 +36,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
             raise
         from accelerate import PartialState
 
-        if PartialState().is_main_process:
+        if PartialState().is_local_main_process:
             print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,7 @@ from kvseg.augment import build_eval_transform, build_train_transform
 from kvseg.config import Config
 from kvseg.data import Sample, read_image, read_mask, resize_pair
 from kvseg.errors import CorruptImageError, EmptyDatasetError
-from kvseg.runtime import default_num_workers, init_worker
+from kvseg.runtime import default_num_workers, single_threaded_opencv
 
 
 class SegmentationDataset(Dataset):
@@ -121,8 +121,10 @@ def build_dataloaders(cfg: Config, datasets: dict[str, SegmentationDataset], num
                       pin_memory: bool = False) -> dict[str, DataLoader]:
     """A loader per dataset; ``train`` shuffles. Workers (``data.num_workers``, -1: automatic) stay alive across epochs."""
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(num_processes)
+    if workers:
+        single_threaded_opencv()
     return {
         name: DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=name == "train", num_workers=workers,
-                         pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=init_worker)
+                         pin_memory=pin_memory, persistent_workers=workers > 0)
         for name, dataset in datasets.items()
     }

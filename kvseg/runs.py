@@ -17,13 +17,14 @@ import io
 import json
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from kvseg.augment import build_eval_transform
 from kvseg.checkpoint import json_safe, load_trained_model, save_model_checkpoint, write_json_atomic
@@ -101,14 +102,17 @@ class RunDir:
         return state, Progress(**json.loads((state / "progress.json").read_text()))
 
     def save_state(self, accelerator: Accelerator, progress: Progress) -> None:
-        """``save_state`` into a fresh folder, then swap it in: a crash leaves the previous state whole."""
+        """``save_state`` into a fresh folder, then swap it in: a crash leaves the previous state whole.
+
+        Every machine that keeps a copy of the run (:meth:`keeps_copy`) swaps its own folder.
+        """
         tmp, current, old = (self.checkpoints / name for name in ("state.tmp", "state", "state.old"))
-        if accelerator.is_main_process:
+        if self.keeps_copy(accelerator):
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if self.keeps_copy(accelerator):
             write_json_atomic(tmp / "progress.json", json_safe(asdict(progress)))
             shutil.rmtree(old, ignore_errors=True)
             if current.exists():
@@ -117,29 +121,53 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    def lock(self, accelerator: Accelerator) -> None:
-        """Hold an exclusive lock on the folder for as long as this object lives (the whole run).
+    def claim(self, accelerator: Accelerator) -> None:
+        """Lock the folder for this run, and find out whether every machine sees the same folder.
 
-        A second training process on the same folder (a resume started while the first run, or an
-        orphaned worker of it, still writes) stops with a clear error instead of interleaving
-        checkpoints. The lock dies with its process, SIGKILL included.
+        The main process takes an exclusive lock, held as long as this object lives, and writes a
+        fresh token into the lock file; each process then reads the token from its own view of the
+        folder. When every process reads it, the output folder is shared (one file system) and only
+        the main process writes. When some machine does not, its first process keeps a local copy of
+        the run (:meth:`keeps_copy`): the config, the split and ``checkpoints/state`` with the model,
+        the optimizer and that machine's RNG states (accelerate's ``save_on_each_node``), so that
+        ``--resume`` works on every machine from its own disk.
 
         Raises:
             CheckpointError: another process holds the lock.
         """
-        handle, held = None, True
-        if accelerator.is_main_process:
-            handle = open(self.path / ".lock", "a+")  # noqa: SIM115 - kept open until training ends
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                held = False
-        flag = [held]
-        broadcast_object_list(flag)
-        if not flag[0]:
+        token = [uuid.uuid4().hex]
+        broadcast_object_list(token)
+        held = [self._lock_with(token[0]) if accelerator.is_main_process else True]
+        broadcast_object_list(held)
+        if not held[0]:
             raise CheckpointError(f"{self.path}: another training process is still writing this run folder; stop it first")
+        lock_file = self.path / ".lock"
+        sees = [lock_file.is_file() and lock_file.read_text().strip() == token[0]]
+        self.shared = all(gather_object(sees))
+        accelerator.project_configuration.save_on_each_node = not self.shared
+        if self.keeps_copy(accelerator) and not accelerator.is_main_process:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            if not self._lock_with(token[0]):
+                raise CheckpointError(f"{self.path}: another training process is still writing this run folder here")
+
+    def _lock_with(self, token: str) -> bool:
+        """Take the exclusive lock (dies with the process, SIGKILL included) and write ``token``; False if held."""
+        handle = open(self.path / ".lock", "a+")  # noqa: SIM115 - kept open until training ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        handle.truncate(0)
+        handle.write(token)
+        handle.flush()
         self._lock = handle
+        return True
+
+    def keeps_copy(self, accelerator: Accelerator) -> bool:
+        """True on the process that writes this machine's files: the main process, and without a shared
+        output folder (see :meth:`claim`) the first process of every other machine."""
+        return accelerator.is_main_process or (not getattr(self, "shared", True) and accelerator.is_local_main_process)
 
     # -- writing ----------------------------------------------------------------------------
 

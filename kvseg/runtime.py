@@ -83,9 +83,15 @@ def default_num_workers(num_processes: int) -> int:
     return max(1, min(8, usable_cores() // num_processes - 1))
 
 
-def init_worker(worker_id: int) -> None:
-    """DataLoader worker start-up: one OpenCV thread each (augmentations are seeded per sample)."""
-    cv2.setNumThreads(1)
+def single_threaded_opencv() -> None:
+    """Turn off OpenCV's own thread pool in this process, before DataLoader workers are forked from it.
+
+    Parallelism comes from the workers. A worker forked while the parent's OpenCV pool exists
+    inherits it in a broken state, and OpenCV calls in the worker (``cv2.setNumThreads`` among them)
+    can then hang forever; this was seen in the benchmark, whose parent resizes images before it
+    starts the harness's workers. ``cv2.setNumThreads(0)`` in the parent is the usual remedy.
+    """
+    cv2.setNumThreads(0)
 
 
 def _cpu_model() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from kvseg.checkpoint import load_model_checkpoint, set_threshold
 from kvseg.config import Config, config_to_yaml
 from kvseg.data import Split, find_samples, resolve_split
+from kvseg.distributed import check_process_group
 from kvseg.errors import CheckpointError, KvsegError
 from kvseg.evaluate import EvalResult, evaluate, tune_threshold
 from kvseg.factory import Training, build_accelerator, build_training, environment, start_trackers
@@ -150,13 +151,13 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
     accelerator.print(config_to_yaml(cfg).rstrip())
-    run.lock(accelerator)
+    run.claim(accelerator)
     accelerator.print(
         f"Run folder {run}; data {cfg.data.root} ({len(split.train)} train / {len(split.val)} validation / "
         f"{len(split.test)} test, split from {split.source}); {accelerator.num_processes} process(es) on "
         f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
-    if accelerator.is_main_process and state is None:
+    if run.keeps_copy(accelerator) and state is None:
         run.write_start(cfg, split, environment(accelerator))
     start_trackers(accelerator, cfg, run)
     return run, split, progress, state
@@ -198,6 +199,7 @@ def history_record(epoch: int, stats: EpochStats, result: EvalResult | None, bes
 def run_training(cfg: Config, options: RunOptions) -> Path:
     """Train ``cfg`` end to end and return the run folder; see the README for what it holds."""
     accelerator = build_accelerator(cfg, options.mixed_precision)
+    check_process_group(accelerator.num_processes)
     run, split, progress, state = start_run(cfg, options, accelerator)
     set_seed(cfg.train.seed)
     training = build_training(cfg, split, accelerator)
@@ -249,7 +251,9 @@ def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, a
     """
     run, loaders, scored = saver.run, training.loaders, training.logits
     accelerator.wait_for_everyone()
-    training.weights.load_state_dict(load_model_checkpoint(run.best)["model"])
+    selected = [load_model_checkpoint(run.best)["model"] if accelerator.is_main_process else None]
+    broadcast_object_list(selected)  # other machines may not see the main machine's files
+    training.weights.load_state_dict(selected[0])
     threshold, tuning = cfg.train.threshold, None
     if cfg.eval.tune_threshold and "val" in loaders:
         choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, gather=accelerator.gather_for_metrics)
