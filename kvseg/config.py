@@ -151,6 +151,13 @@ def _validate(cfg: Config) -> None:
             f"config key 'data.image_size' is {cfg.data.image_size}; expected a multiple of "
             f"2**model.depth = {2**cfg.model.depth}"
         )
+    if cfg.data.image_size < 2 ** (cfg.model.depth + 1):
+        raise ConfigError(
+            f"config key 'data.image_size' is {cfg.data.image_size}; with model.depth = {cfg.model.depth} the "
+            f"bottleneck would be {cfg.data.image_size // 2**cfg.model.depth}x{cfg.data.image_size // 2**cfg.model.depth} "
+            "px, where BatchNorm cannot train on a batch of one image; expected at least "
+            f"{2 ** (cfg.model.depth + 1)} (2x2 px at the bottleneck), or a smaller model.depth"
+        )
     if not 1 <= cfg.data.mask_threshold <= 255:
         raise ConfigError(f"config key 'data.mask_threshold' is {cfg.data.mask_threshold}; expected 1 to 255")
     values = cfg.data.foreground_values
