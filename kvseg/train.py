@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
+from kvseg.check import check_training_data
 from kvseg.config import Config, config_to_yaml
 from kvseg.data import Split, find_samples, resolve_split
 from kvseg.dataset import build_dataloaders, build_datasets
@@ -190,6 +191,7 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     """Train ``cfg`` end to end and return the run folder; see the README for what it holds."""
     accelerator = build_accelerator(cfg, options)
     run, split, progress, state = start_run(cfg, options, accelerator)
+    check_training_data(cfg, accelerator)  # prints the folder summary; fixes data.mask_encoding
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
     accelerator.print(config_to_yaml(cfg).rstrip())
