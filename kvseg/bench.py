@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from kvseg.backends import Backend, Skipped, build_backend
 from kvseg.bench_training import history_summary, measure_training
+from kvseg.checkpoint import threshold_of
 from kvseg.evaluate import LogitsFn, evaluate
 from kvseg.runs import RunDir
 from kvseg.runtime import describe_machine
@@ -102,7 +103,7 @@ def benchmark_run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Latency, parity and training speed for ``run``; returns the report dict (see the README)."""
-    model, cfg, _ = run.load_model()
+    model, cfg, payload = run.load_model()
     datasets = run.eval_datasets(cfg, data_dir)
     report: dict = {"run": str(run), "machine": describe_machine(), "model": asdict(cfg.model),
                     "image_size": cfg.data.image_size, "backends": {}, "skipped": {}}
@@ -123,7 +124,7 @@ def benchmark_run(
         report["backends"][name] = entry
         log(f"timed {name}")
     report["providers_used"] = sorted({b.provider for b in loaded.values() if b.provider})
-    report["parity"] = measure_parity(loaded, DataLoader(datasets["test"], batch_size=8), cfg.train.threshold)
+    report["parity"] = measure_parity(loaded, DataLoader(datasets["test"], batch_size=8), threshold_of(payload))
     report["flagged"] = [name for name, entry in report["parity"].items() if entry.get("flagged")]
     if train_steps > 0:
         report["training"] = measure_training(cfg, datasets["train"], train_steps, warmup=3)

@@ -19,12 +19,13 @@ from kvseg.augment import build_train_transform
 from kvseg.config import Config
 from kvseg.data import Sample
 from kvseg.dataset import SegmentationDataset, build_dataloaders
+from kvseg.factory import build_accelerator, prepare_model
 from kvseg.losses import build_loss
 from kvseg.masks import MaskEncoding
 from kvseg.model import build_model
 from kvseg.optim import build_optimizer
 from kvseg.runtime import resolve_mixed_precision
-from kvseg.train import RunOptions, build_accelerator, prepare_model, train_one_epoch
+from kvseg.train import train_one_epoch
 
 STUDY_SECONDS_PER_EPOCH = 300.0
 STUDY_TRAIN_IMAGES = 472
@@ -66,7 +67,7 @@ def harness_images_per_s(cfg: Config, samples: list[Sample], encoding: MaskEncod
     precision = resolve_mixed_precision("auto")
     if gpu and precision == "no" and torch.cuda.is_bf16_supported():
         precision = "bf16"  # what configs/accelerate/gpu_*.yaml launch with
-    accelerator = build_accelerator(cfg, RunOptions(mixed_precision=precision))
+    accelerator = build_accelerator(cfg, precision)
     torch.manual_seed(0)
     model = prepare_model(cfg, accelerator)
     optimizer, loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)

@@ -152,10 +152,11 @@ class FolderReport:
         return f"{len(groups)} group(s) with the same decoded pixels: {_preview(groups, 4)}"
 
     def _straddles(self, group: list[str]) -> str:
+        """`` (in train and test)`` when the ids of ``group`` fall into more than one split."""
         if self.split is None:
             return ""
-        train, test = set(self.split.train), set(self.split.test)
-        return " (in train and test)" if any(i in train for i in group) and any(i in test for i in group) else ""
+        names = [name for name, ids in self.split.items() if set(group) & set(ids)]
+        return f" (in {' and '.join(names)})" if len(names) > 1 else ""
 
     def error_line(self) -> str | None:
         """The errors in one line (the first three named), or None."""
@@ -223,11 +224,12 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
     split, split_line = None, ""
     present = [name for name in SPLIT_FILES if (scan.root / name).is_file()]
     try:
-        split = resolve_split(scan.root, scan.samples, data.split_seed, data.test_fraction)
-        counts = f"{len(split.train)} train / {len(split.test)} test"
-        split_line = (f"{', '.join(present)}: {counts}, every id found, none in both" if present else
-                      f"no split files; drawn from data.split_seed {data.split_seed} and data.test_fraction "
-                      f"{data.test_fraction}: {counts} (written to the run folder, never here)")
+        split = resolve_split(scan.root, scan.samples, data.split_seed, data.test_fraction, data.val_fraction)
+        counts = f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} test"
+        split_line = (f"{', '.join(present)}: {counts}, from {split.source}; every id found, none in two splits"
+                      if present else
+                      f"no split files: {counts}, from {split.source} (data.split_seed, data.test_fraction "
+                      f"{data.test_fraction}, data.val_fraction {data.val_fraction}); written to the run folder, never here")
     except KvsegError as exc:
         errors.append(user_message(exc))
         split_line = f"{', '.join(present) or 'no split files'}: not usable (see the errors)"

@@ -43,20 +43,40 @@ def json_safe(value: object) -> object:
     return value
 
 
-def save_model_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, metrics: dict | None) -> None:
-    """A self-describing model checkpoint (weights, config, metrics), written atomically."""
+def save_model_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, metrics: dict | None,
+                          threshold: float | None = None) -> None:
+    """A self-describing model checkpoint (weights, config, metrics, probability threshold), written atomically.
+
+    ``threshold`` defaults to ``cfg.train.threshold``; a threshold tuned on validation replaces it
+    (:func:`set_threshold`).
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {
+    _save({
         "format": CHECKPOINT_FORMAT,
         "kvseg_version": kvseg.__version__,
         "epoch": epoch,
         "config": config_to_dict(cfg),
         "metrics": json_safe(metrics),
+        "threshold": cfg.train.threshold if threshold is None else threshold,
         "model": state,
-    }
+    }, path)
+
+
+def _save(payload: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def set_threshold(path: Path, threshold: float, tuning: dict) -> None:
+    """Store a tuned probability threshold (and how it was chosen) in the checkpoint at ``path``."""
+    payload = load_model_checkpoint(path)
+    _save({**payload, "threshold": threshold, "threshold_tuning": json_safe(tuning)}, path)
+
+
+def threshold_of(payload: dict) -> float:
+    """The probability threshold a checkpoint's model is used with (tuned, or the configured one)."""
+    return float(payload.get("threshold", payload["config"]["train"]["threshold"]))
 
 
 def load_model_checkpoint(path: str | Path) -> dict:

@@ -31,6 +31,7 @@ class DataConfig:
     mask_encoding: str = "auto"  # auto (decided once from all masks), binary-0-255, binary-0-1, labels or palette
     foreground_values: list[int] = field(default_factory=list)  # labels/palette: instrument values; []: any non-zero
     test_fraction: float = 0.2  # used only when the folder has no train.txt / test.txt
+    val_fraction: float = 0.15  # of the training ids, drawn by split_seed, when the folder has no val.txt; 0: none
     split_seed: int = 0
     cache: bool = True  # keep decoded, resized images in shared memory after first read
     num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per process (at least 1)
@@ -69,26 +70,34 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 8  # per process
+    optimizer: str = "adam"  # "adam" (the study's) or "adamw" (decoupled weight decay)
     lr: float = 3e-3
     weight_decay: float = 0.0
-    scheduler: str = "cosine"  # "cosine" or "none"
+    scheduler: str = "cosine"  # per optimizer step: "none", "cosine", "warmup_cosine" or "onecycle"
+    warmup_epochs: float = 1.0  # linear warm-up length of "warmup_cosine"
     grad_accum_steps: int = 1
     seed: int = 42
-    eval_every: int = 0  # evaluate on the test split every k epochs (0: only at the end)
+    loss: str = "bce"  # "bce" (the study's), "dice", "bce+dice", "focal" or "tversky"
+    ema_decay: float = 0.0  # exponential moving average of the weights, e.g. 0.99; 0: off
+    eval_every: int = 1  # evaluate on the validation split every k epochs
+    select_metric: str = "dice"  # best.pt: highest validation per-image "dice" or "iou", or lowest "loss"
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: never
     channels_last: bool = True
     cpu_threads: int = 0  # torch threads per process when training on the CPU; 0: the cores each process gets
     sync_batchnorm: str = "auto"  # "auto" (on with several GPU processes), "on" or "off"
-    threshold: float = 0.5  # probability above which a pixel is predicted instrument
-    loss: str = "bce"  # BCEWithLogitsLoss, the study's loss
+    threshold: float = 0.5  # probability above which a pixel is predicted instrument (unless tuned)
+    trackers: list[str] = field(default_factory=list)  # experiment trackers: "tensorboard", "mlflow"
 
 
 @dataclass
 class EvalConfig:
-    """Test-time augmentation of the final evaluation, reported beside the plain one."""
+    """The final evaluation: threshold tuning on validation, test-time augmentation beside the plain test."""
 
     tta: list[str] = field(
         default_factory=lambda: ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
     )  # any of these dihedral transforms; [] turns TTA off
+    tune_threshold: bool = False  # pick the threshold maximising validation per-image Dice over threshold_grid
+    threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
 
 
 @dataclass
@@ -107,10 +116,13 @@ class Config:
 _CHOICES = {
     "data.mask_encoding": ("auto", "binary-0-255", "binary-0-1", "labels", "palette"),  # kvseg.masks.ENCODINGS
     "model.upsample": ("transpose", "bilinear"),
-    "train.scheduler": ("cosine", "none"),
+    "train.optimizer": ("adam", "adamw"),
+    "train.scheduler": ("none", "cosine", "warmup_cosine", "onecycle"),
     "train.sync_batchnorm": ("auto", "on", "off"),
-    "train.loss": ("bce",),
+    "train.loss": ("bce", "dice", "bce+dice", "focal", "tversky"),
+    "train.select_metric": ("dice", "iou", "loss"),
 }
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -136,6 +148,7 @@ def _validate(cfg: Config) -> None:
         "train.batch_size": cfg.train.batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.lr": cfg.train.lr,
+        "train.eval_every": cfg.train.eval_every,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -146,6 +159,18 @@ def _validate(cfg: Config) -> None:
     }.items():
         if not 0.0 < value < 1.0:
             raise ConfigError(f"config key '{key}' is {value}; expected a fraction between 0 and 1")
+    for key, value in {"data.val_fraction": cfg.data.val_fraction, "train.ema_decay": cfg.train.ema_decay}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key '{key}' is {value}; expected 0 (off) or a fraction below 1")
+    for key, value in {"train.warmup_epochs": cfg.train.warmup_epochs,
+                       "train.early_stopping_patience": cfg.train.early_stopping_patience}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' is {value}; expected 0 or more")
+    if not 0.0 < cfg.train.threshold < 1.0 or not all(0.0 < t < 1.0 for t in cfg.eval.threshold_grid):
+        raise ConfigError("config keys 'train.threshold' and 'eval.threshold_grid' need probabilities between 0 and 1")
+    unknown = [t for t in cfg.train.trackers if t not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"config key 'train.trackers' has {', '.join(unknown)}; expected some of {', '.join(TRACKERS)}")
     if cfg.data.image_size % 2**cfg.model.depth:
         raise ConfigError(
             f"config key 'data.image_size' is {cfg.data.image_size}; expected a multiple of "

@@ -54,7 +54,7 @@ def _readable_extensions() -> tuple[str, ...]:
 
 IMAGE_EXTENSIONS = _readable_extensions()
 COMMON_EXTENSIONS = (".jpg", ".png", ".tif", ".bmp", ".gif", ".webp")  # named in messages instead of all of them
-SPLIT_FILES = ("train.txt", "test.txt")
+SPLIT_FILES = ("train.txt", "val.txt", "test.txt")
 
 # kvseg refuses an image above Image.MAX_IMAGE_PIXELS itself (open_upright), naming the limit; Pillow's
 # warning for sizes between one and two times the limit would only repeat that.
@@ -72,11 +72,16 @@ class Sample:
 
 @dataclass(frozen=True)
 class Split:
-    """Train and test ids, and where they came from ("split files" or "seed N")."""
+    """Train, validation and test ids, and where they came from (e.g. "split files", "seed 0")."""
 
     train: list[str]
+    val: list[str]
     test: list[str]
     source: str
+
+    def items(self) -> list[tuple[str, list[str]]]:
+        """(name, ids) of the splits that are not empty, in the order train, val, test."""
+        return [(name, ids) for name, ids in (("train", self.train), ("val", self.val), ("test", self.test)) if ids]
 
 
 @dataclass(frozen=True)
@@ -194,13 +199,29 @@ def read_split_file(path: Path, known: dict[str, Sample]) -> list[str]:
     return ids
 
 
-def resolve_split(root: str | Path, samples: dict[str, Sample], seed: int, test_fraction: float) -> Split:
-    """The train/test split of ``root``: its split files if present, otherwise a seeded draw.
+def carve_validation(train: list[str], seed: int, fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val): ``fraction`` of ``train`` drawn by ``seed`` for validation, at least one id each when possible."""
+    if fraction <= 0 or len(train) < 2:
+        return list(train), []
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_val = min(len(train) - 1, max(1, round(fraction * len(train))))
+    return sorted(train[i] for i in order[n_val:]), sorted(train[i] for i in order[:n_val])
 
-    With only one of the two split files, the other split is every remaining id.
+
+def resolve_split(root: str | Path, samples: dict[str, Sample], seed: int, test_fraction: float,
+                  val_fraction: float = 0.0) -> Split:
+    """The train/validation/test split of ``root``: its split files where present, otherwise seeded draws.
+
+    ``train.txt`` / ``test.txt``: with only one of them, the other split is every remaining id.
+    Without either, ``test_fraction`` of the ids is drawn by ``seed``. ``val.txt`` names the
+    validation ids; without it, ``val_fraction`` of the training ids is drawn by ``seed``
+    (:func:`carve_validation`). The test split never takes part in the validation draw.
+
+    Raises:
+        SplitError: an id in a split file has no image, an id is in two splits, or a split is empty.
     """
     root = Path(root)
-    train_file, test_file = (root / name for name in SPLIT_FILES)
+    train_file, val_file, test_file = (root / name for name in SPLIT_FILES)
     if train_file.is_file() or test_file.is_file():
         train = read_split_file(train_file, samples) if train_file.is_file() else None
         test = read_split_file(test_file, samples) if test_file.is_file() else None
@@ -208,27 +229,36 @@ def resolve_split(root: str | Path, samples: dict[str, Sample], seed: int, test_
             train = [i for i in samples if i not in set(test)]
         if test is None:
             test = [i for i in samples if i not in set(train)]
-        overlap = sorted(set(train) & set(test))
+        source = "split files"
+    else:
+        ids = sorted(samples)
+        if len(ids) < 2:
+            raise SplitError(f"{root}: {len(ids)} image(s); a train/test split needs at least 2")
+        order = np.random.default_rng(seed).permutation(len(ids))
+        n_test = min(len(ids) - 1, max(1, round(test_fraction * len(ids))))
+        test, train = sorted(ids[i] for i in order[:n_test]), sorted(ids[i] for i in order[n_test:])
+        source = f"seed {seed}"
+    if val_file.is_file():
+        val = read_split_file(val_file, samples)
+        train = [i for i in train if i not in set(val)] if not train_file.is_file() else train
+    else:
+        train, val = carve_validation(train, seed, val_fraction)
+        source += f", validation drawn by seed {seed}" if val else ""
+    pairs = ((("train", train), ("test", test)), (("train", train), ("val", val)), (("val", val), ("test", test)))
+    for (name_a, a), (name_b, b) in pairs:
+        overlap = sorted(set(a) & set(b))
         if overlap:
-            raise SplitError(f"{root}: {len(overlap)} id(s) are in both train.txt and test.txt: {_preview(overlap)}")
-        if not train or not test:
-            raise SplitError(f"{root}: the split files leave the {'train' if not train else 'test'} split empty")
-        return Split(train, test, "split files")
-    ids = sorted(samples)
-    if len(ids) < 2:
-        raise SplitError(f"{root}: {len(ids)} image(s); a train/test split needs at least 2")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_test = min(len(ids) - 1, max(1, round(test_fraction * len(ids))))
-    test = sorted(ids[i] for i in order[:n_test])
-    train = sorted(ids[i] for i in order[n_test:])
-    return Split(train, test, f"seed {seed}")
+            raise SplitError(f"{root}: {len(overlap)} id(s) are in both {name_a} and {name_b}: {_preview(overlap)}")
+    if not train or not test:
+        raise SplitError(f"{root}: the split leaves the {'train' if not train else 'test'} split empty")
+    return Split(train, val, test, source)
 
 
 def write_split(split: Split, folder: str | Path) -> None:
-    """Write ``train.txt`` and ``test.txt`` into ``folder`` (a run folder, never the data folder)."""
+    """Write ``train.txt``, ``val.txt`` and ``test.txt`` into ``folder`` (a run folder, never the data folder)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, ids in zip(SPLIT_FILES, (split.train, split.test)):
+    for name, ids in zip(SPLIT_FILES, (split.train, split.val, split.test)):
         (folder / name).write_text("".join(f"{i}\n" for i in ids))
 
 

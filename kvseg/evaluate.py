@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kvseg.metrics import ConfusionMatrix, Scores, SegmentationMetrics, logit_of
+from kvseg.metrics import ConfusionMatrix, Scores, SegmentationMetrics, logit_of, scores_from_counts
 from kvseg.tta import with_tta
 
 
@@ -234,3 +234,41 @@ def _result(metrics: SegmentationMetrics, ids: list[str], loss_name: str | None,
         undefined=undefined,
         agreement=agreement,
     )
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The probability threshold with the highest mean per-image Dice on a split, and the whole curve."""
+
+    value: float
+    grid: list[float]
+    dice: list[float]  # mean per-image Dice at each grid threshold
+
+
+@torch.no_grad()
+def tune_threshold(logits_fn: LogitsFn, loader: DataLoader, grid: Sequence[float], gather: Callable | None = None
+                   ) -> ThresholdChoice:
+    """Mean per-image Dice of ``logits_fn`` at every threshold of ``grid`` (probabilities), and the best one.
+
+    Meant for the validation split, never the test split. Ties go to the threshold nearest 0.5.
+    ``gather`` as in :func:`evaluate`.
+    """
+    boundaries = torch.tensor([logit_of(t) for t in grid])
+    totals, images_seen = np.zeros(len(grid)), 0
+    for images, masks, _ in loader:
+        logits = logits_fn(images).float().flatten(1)  # (B, P)
+        target = masks.to(logits.device).bool().flatten(1)
+        predicted = logits[None] > boundaries.to(logits.device)[:, None, None]  # (T, B, P)
+        counts = torch.stack([(predicted & target).sum(-1), (predicted & ~target).sum(-1),
+                              (~predicted & target).sum(-1), (~predicted & ~target).sum(-1)], dim=-1)  # (T, B, 4)
+        counts = counts.transpose(0, 1).contiguous()  # (B, T, 4): gathered along the batch
+        if gather is not None:
+            counts = gather(counts)
+        tp, fp, fn, tn = counts.cpu().numpy().transpose(2, 1, 0)  # each (T, B)
+        totals += scores_from_counts(tp, fp, fn, tn)["dice"].sum(axis=1)
+        images_seen += tp.shape[1]
+    if not images_seen:
+        raise ValueError("the loader yielded no images to tune the threshold on")
+    dice = totals / images_seen
+    best = max(range(len(grid)), key=lambda k: (round(float(dice[k]), 12), -abs(grid[k] - 0.5)))
+    return ThresholdChoice(float(grid[best]), [float(t) for t in grid], [float(d) for d in dice])

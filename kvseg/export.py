@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from kvseg.backends import onnx_logits, onnx_session
-from kvseg.checkpoint import load_trained_model
+from kvseg.checkpoint import load_trained_model, threshold_of
 from kvseg.config import Config
 from kvseg.errors import KvsegError
 from kvseg.evaluate import Agreement, EvalResult, evaluate, torch_logits
@@ -131,7 +131,7 @@ def check_writable(path: Path) -> None:
         raise KvsegError(f"{path}: cannot write the model here ({exc.strerror or exc})") from None
 
 
-def random_agreement(logits_fn, reference, cfg: Config, dynamic_hw: bool) -> Agreement:
+def random_agreement(logits_fn, reference, cfg: Config, threshold: float, dynamic_hw: bool) -> Agreement:
     """Agreement on random inputs at other batch sizes (2, 5) and, with dynamic sides, another size."""
     size, multiple = cfg.data.image_size, 2**cfg.model.depth
     other = size + multiple if dynamic_hw else size
@@ -139,7 +139,7 @@ def random_agreement(logits_fn, reference, cfg: Config, dynamic_hw: bool) -> Agr
     agreement = Agreement()
     for shape in ((2, 3, other, other), (5, 3, size, size)):
         images = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
-        agreement.update(logits_fn(images), reference(images), cfg.train.threshold)
+        agreement.update(logits_fn(images), reference(images), threshold)
     return agreement
 
 
@@ -171,7 +171,8 @@ def export_run(
     reference = torch_logits(model)
     datasets = eval_datasets(cfg, RunDir(run_dir) if run_dir else None, data_dir) if verify or "int8" in precisions else {}
     test_loader = DataLoader(datasets["test"], batch_size=3) if verify else None  # export sample: batch 1
-    reference_result = evaluate(reference, test_loader, cfg.train.threshold) if verify else None
+    threshold = threshold_of(payload)
+    reference_result = evaluate(reference, test_loader, threshold) if verify else None
     build = {
         "fp32": lambda tmp: export_model(model, tmp, cfg.data.image_size, cfg.model.depth, opset, dynamic_hw),
         "fp16": lambda tmp: export_model(HalfPrecision(model), tmp, cfg.data.image_size, cfg.model.depth, opset, dynamic_hw),
@@ -187,7 +188,8 @@ def export_run(
             check_model(tmp)
             exported = ExportedModel(precision, final, tmp.stat().st_size, 0.0, rules()[precision].describe())
             if verify:
-                _verify(exported, onnx_logits(onnx_session(tmp)), reference, reference_result, test_loader, cfg, dynamic_hw)
+                _verify(exported, onnx_logits(onnx_session(tmp)), reference, reference_result, test_loader, cfg, threshold,
+                        dynamic_hw)
             os.replace(tmp, final)
         except VerificationError:
             final.unlink(missing_ok=True)  # never leave an older model that looks verified
@@ -201,9 +203,9 @@ def export_run(
 
 
 def _verify(exported: ExportedModel, logits_fn, reference, reference_result: EvalResult, loader: DataLoader,
-            cfg: Config, dynamic_hw: bool) -> None:
-    result = evaluate(logits_fn, loader, cfg.train.threshold, reference=reference)
-    exported.agreement = result.agreement.merged(random_agreement(logits_fn, reference, cfg, dynamic_hw))
+            cfg: Config, threshold: float, dynamic_hw: bool) -> None:
+    result = evaluate(logits_fn, loader, threshold, reference=reference)
+    exported.agreement = result.agreement.merged(random_agreement(logits_fn, reference, cfg, threshold, dynamic_hw))
     exported.iou, exported.iou_reference = result.per_image.iou, reference_result.per_image.iou
     failure = rules()[exported.precision].failure(exported)
     if failure:

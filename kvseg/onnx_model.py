@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import kvseg
+from kvseg.checkpoint import threshold_of
 from kvseg.config import Config
 from kvseg.errors import KvsegError
 
@@ -121,7 +122,7 @@ def metadata_for(cfg: Config, payload: dict, precision: str, opset: int) -> dict
         "mean": cfg.augment.mean,
         "std": cfg.augment.std,
         "max_pixel_value": 255.0,
-        "threshold": cfg.train.threshold,
+        "threshold": threshold_of(payload),
         "base_channels": cfg.model.base_channels,
         "depth": cfg.model.depth,
         "upsample": cfg.model.upsample,

@@ -24,13 +24,16 @@ def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
 
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
-    """Train loss per epoch, and test loss at the epochs where the test split was evaluated."""
+    """Train loss per epoch, validation loss where evaluated, and the selected epoch."""
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-    tested = [h for h in history if h.get("test_loss") is not None]
-    if tested:
-        ax.plot([h["epoch"] for h in tested], [h["test_loss"] for h in tested], marker="s", label="test")
+    validated = [h for h in history if h.get("val_loss") is not None]
+    if validated:
+        ax.plot([h["epoch"] for h in validated], [h["val_loss"] for h in validated], marker="s", label="validation")
+    best = [h["epoch"] for h in history if h.get("best")]
+    if best:
+        ax.axvline(best[-1], color="grey", linestyle=":", label=f"selected (epoch {best[-1]})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title("Loss per epoch")

@@ -31,6 +31,7 @@ from rich.progress import track
 
 from kvseg.augment import build_eval_transform
 from kvseg.backends import onnx_logits, onnx_session
+from kvseg.checkpoint import threshold_of
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
 from kvseg.data import IMAGE_EXTENSIONS, read_image, resize_image
@@ -65,8 +66,8 @@ class Predictor:
 
 def torch_predictor(run_dir: str | Path) -> Predictor:
     """The selected (best) checkpoint of a run, in fp32 on the CPU."""
-    model, cfg, _ = RunDir(run_dir).load_model()
-    return Predictor(torch_logits(model), cfg.data.image_size, build_eval_transform(cfg.augment), cfg.train.threshold)
+    model, cfg, payload = RunDir(run_dir).load_model()
+    return Predictor(torch_logits(model), cfg.data.image_size, build_eval_transform(cfg.augment), threshold_of(payload))
 
 
 def onnx_predictor(path: str | Path) -> Predictor:

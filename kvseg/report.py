@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from kvseg.checkpoint import threshold_of
 from kvseg.cli import run_cli
 from kvseg.config import config_to_dict
 from kvseg.dataset import SegmentationDataset
@@ -105,9 +106,8 @@ def augmentation_panel(model: UNet, dataset: SegmentationDataset, index: int, th
     return {"id": dataset.samples[index].id, "image": image, "truth": mask.astype(bool), "versions": versions}
 
 
-def _metrics_table(metrics: dict) -> str:
+def _metrics_table(metrics: dict, tta: dict | None) -> str:
     columns = [("plain, per-image", metrics["per_image"]), ("plain, dataset", metrics["dataset"])]
-    tta = metrics.get("tta")
     if tta:
         columns += [(f"TTA ({len(tta['transforms'])}), per-image", tta["per_image"]),
                     (f"TTA ({len(tta['transforms'])}), dataset", tta["dataset"])]
@@ -133,18 +133,33 @@ def _value_cell(result: dict, key: str) -> str:
     return f'<td title="{html.escape(reason)}">undefined ({html.escape(reason)})</td>'
 
 
+def _selection_fact(metrics: dict) -> str:
+    selection, threshold = metrics.get("selection") or {}, metrics.get("threshold") or {}
+    chosen = (f"best.pt: epoch {selection['epoch']} by validation {selection['metric']} {selection['score']:.4f}"
+              if selection.get("split") else f"best.pt: epoch {selection.get('epoch', '?')} (no validation split: the last)")
+    stopped = ", stopped early" if metrics.get("stopped_early") else ""
+    tuned = " (tuned on validation)" if threshold.get("tuned_on") else ""
+    return f"{chosen}{stopped}; threshold {threshold.get('value', metrics['test']['threshold'])}{tuned}"
+
+
 def write_index(run_dir: Path, metrics: dict, config: dict, environment: dict | None) -> Path:
-    """index.html: run facts, the metrics table and every figure, readable at a glance."""
+    """index.html: run facts, how the model was chosen, the test metrics table and every figure."""
     model, data, train = config["model"], config["data"], config["train"]
+    test = metrics["test"]
     facts = [
         f"U-Net base {model['base_channels']}, depth {model['depth']}, {model['upsample']} upsampling",
         f"{data['image_size']}x{data['image_size']} px, data {html.escape(str(data['root']))}",
-        f"{train['epochs']} epochs, batch {train['batch_size']} per process, lr {train['lr']}",
-        f"{metrics['num_images']} test images, threshold {metrics['threshold']}",
+        f"{metrics.get('epochs_trained', train['epochs'])} of {train['epochs']} epochs, batch {train['batch_size']} "
+        f"per process, {train['optimizer']} lr {train['lr']} ({train['scheduler']}), loss {train['loss']}",
+        _selection_fact(metrics),
+        f"{test['num_images']} test images, evaluated once with the selected weights",
     ]
     if environment:
         facts.append(f"{environment['num_processes']} process(es) on {environment['device']}, "
                      f"mixed precision {environment['mixed_precision']}, torch {environment['packages'].get('torch')}")
+    run = RunDir(run_dir)
+    per_image = (f'<p>Scores of every validation and test image: <a href="{run.per_image.name}">{run.per_image.name}</a></p>'
+                 if run.per_image.is_file() else "")
     figures = "".join(
         f'<figure><img src="{name}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
         for name, caption in FIGURES.items() if (run_dir / name).is_file()
@@ -162,52 +177,57 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <h1>kvseg run {html.escape(run_dir.name)}</h1>
 <ul>{''.join(f'<li>{fact}</li>' for fact in facts)}</ul>
 <h2>Test metrics (epoch {metrics.get('epoch', '?')})</h2>
-{_metrics_table(metrics)}
+{_metrics_table(test, metrics.get("test_tta"))}
+{per_image}
 <h2>Figures</h2>
 {figures}
 </body></html>
 """
-    path = RunDir(run_dir).index
-    path.write_text(page)
-    return path
+    run.index.write_text(page)
+    return run.index
 
 
 def write_report(run_dir: str | Path, data_dir: str | None = None, train_images: int = 4, test_images: int = 8) -> list[Path]:
     """(Re)create every figure and index.html of ``run_dir``; returns the files written.
 
-    Reads metrics.json; for a run without one, the best checkpoint is evaluated on the test split here.
+    Reads metrics.json and per_image.csv; for a run without them, the best checkpoint is evaluated on
+    the test split here.
 
     Raises:
         CheckpointError: the run folder or its best checkpoint is missing.
     """
     run = RunDir(run_dir)
-    model, cfg, _ = run.load_model()
+    model, cfg, payload = run.load_model()
     datasets = run.eval_datasets(cfg, data_dir)
     train_set, test_set = datasets["train"], datasets["test"]
+    rows = [row for row in run.read_per_image() if row["split"] == "test"]
     if run.metrics.is_file():
         metrics = json.loads(run.metrics.read_text())
     else:
         result = evaluate(torch_logits(model), DataLoader(test_set, batch_size=cfg.train.batch_size),
-                          cfg.train.threshold, build_loss(cfg.train), cfg.train.loss)
-        metrics = result.to_json()
-    threshold = metrics["threshold"]
+                          threshold_of(payload), build_loss(cfg.train), cfg.train.loss)
+        metrics = {"test": result.to_json(), "epoch": payload.get("epoch"), "selection": (payload.get("metrics") or {}).get(
+            "selection"), "threshold": {"value": threshold_of(payload)}}
+        rows = metrics["test"].pop("images")
+    test = metrics["test"]
+    threshold = test["threshold"]
     history = json.loads(run.history.read_text()) if run.history.is_file() else []
-    written = [plot_metrics(metrics, run.path / "metrics.png"), plot_confusion_matrix(metrics, run.path / "confusion_matrix.png")]
+    written = [plot_metrics(test, run.path / "metrics.png"), plot_confusion_matrix(test, run.path / "confusion_matrix.png")]
     if history:
         written.append(plot_loss_curve(history, run.path / "loss_curve.png"))
-    written.append(plot_pr_roc(metrics, run.path / "pr_roc.png"))  # "undefined" and why, where a curve is missing
+    written.append(plot_pr_roc(test, run.path / "pr_roc.png"))  # "undefined" and why, where a curve is missing
 
-    iou_of = {row["id"]: row["iou"] for row in metrics.get("images", [])}
+    iou_of = {row["id"]: row["iou"] for row in rows}
     test_index = {sample.id: i for i, sample in enumerate(test_set.samples)}
     worst = sorted(test_index, key=lambda sample_id: iou_of.get(sample_id, 0.0))[:test_images]
-    rows = []
+    shown_rows = []
     for index in range(min(train_images, len(train_set))):
         shown = _predicted(model, train_set, index, threshold)
-        rows.append({**shown, "title": f"train {train_set.samples[index].id}: IoU {shown['iou']:.3f}"})
+        shown_rows.append({**shown, "title": f"train {train_set.samples[index].id}: IoU {shown['iou']:.3f}"})
     for sample_id in worst:
         shown = _predicted(model, test_set, test_index[sample_id], threshold)
-        rows.append({**shown, "title": f"test {sample_id}: IoU {shown['iou']:.3f}"})
-    written.append(plot_predictions(rows, run.path / "predictions.png"))
+        shown_rows.append({**shown, "title": f"test {sample_id}: IoU {shown['iou']:.3f}"})
+    written.append(plot_predictions(shown_rows, run.path / "predictions.png"))
     panels = [augmentation_panel(model, test_set, i, threshold) for i in range(min(3, len(test_set)))]
     written.append(plot_augmentations(panels, run.path / "augmentations.png"))
     written.append(plot_feature_maps(feature_maps(model, test_set[0][0]), run.path / "feature_maps.png"))

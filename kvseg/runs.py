@@ -3,17 +3,20 @@
 This is the only module that spells a file name inside a run folder (the report's figures are
 named by :mod:`kvseg.report`). Layout, as the README describes it::
 
-    RUN/config.yaml  train.txt  test.txt  environment.json  history.json  metrics.json  index.html
+    RUN/config.yaml  train.txt  val.txt  test.txt  environment.json  history.json  metrics.json
+    RUN/per_image.csv  index.html  logs/                 (logs/: experiment trackers)
     RUN/checkpoints/best.pt  last.pt  state/       (state/: accelerate's save_state + progress.json)
     RUN/model.onnx  model_fp16.onnx  model_int8.onnx  export.json  benchmark.json  benchmark.md
 """
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
+import os
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +36,8 @@ from kvseg.masks import dataset_encoding
 from kvseg.model import UNet
 from kvseg.onnx_model import precision_path
 
+PER_IMAGE_COLUMNS = ("id", "split", "iou", "dice", "loss", "true_fraction", "predicted_fraction")
+
 
 @dataclass
 class Progress:
@@ -42,6 +47,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int | None = None
+    stopped_early: bool = False
 
 
 class RunDir:
@@ -63,6 +69,8 @@ class RunDir:
     environment = property(lambda self: self.path / "environment.json")
     history = property(lambda self: self.path / "history.json")
     metrics = property(lambda self: self.path / "metrics.json")
+    per_image = property(lambda self: self.path / "per_image.csv")
+    logs = property(lambda self: self.path / "logs")
     index = property(lambda self: self.path / "index.html")
     export_report = property(lambda self: self.path / "export.json")
     benchmark_json = property(lambda self: self.path / "benchmark.json")
@@ -110,8 +118,8 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    def lock(self, accelerator: Accelerator) -> object:
-        """Hold an exclusive lock on the folder for as long as the returned handle lives.
+    def lock(self, accelerator: Accelerator) -> None:
+        """Hold an exclusive lock on the folder for as long as this object lives (the whole run).
 
         A second training process on the same folder (a resume started while the first run, or an
         orphaned worker of it, still writes) stops with a clear error instead of interleaving
@@ -132,7 +140,7 @@ class RunDir:
         broadcast_object_list(flag)
         if not flag[0]:
             raise CheckpointError(f"{self.path}: another training process is still writing this run folder; stop it first")
-        return handle
+        self._lock = handle
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -148,6 +156,29 @@ class RunDir:
     def write_metrics(self, metrics: dict) -> None:
         write_json_atomic(self.metrics, json_safe(metrics))
 
+    def write_per_image(self, results: dict[str, EvalResult]) -> None:
+        """per_image.csv: one row per image of each evaluated split (id, split, IoU, Dice, loss, fractions)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(PER_IMAGE_COLUMNS)
+        for split, result in results.items():
+            for row in result.images:
+                writer.writerow([row.id, split, f"{row.iou:.6f}", f"{row.dice:.6f}",
+                                 "" if row.loss is None else f"{row.loss:.6f}", f"{row.true_fraction:.6f}",
+                                 f"{row.predicted_fraction:.6f}"])
+        tmp = self.per_image.with_name(self.per_image.name + ".tmp")
+        tmp.write_text(out.getvalue())
+        os.replace(tmp, self.per_image)
+
+    def read_per_image(self) -> list[dict]:
+        """The rows of per_image.csv (numbers as floats; loss None when empty); [] when there is none."""
+        if not self.per_image.is_file():
+            return []
+        rows = []
+        for row in csv.DictReader(self.per_image.read_text().splitlines()):
+            rows.append({**row, **{k: float(row[k]) if row[k] else None for k in PER_IMAGE_COLUMNS[2:]}})
+        return rows
+
     # -- reading back -----------------------------------------------------------------------
 
     def load_model(self) -> tuple[UNet, Config, dict]:
@@ -162,7 +193,7 @@ class RunDir:
         """The split this run used: its saved split files (else resolved from the data folder as training would)."""
         root = Path(data_dir or cfg.data.root)
         folder = self.path if (self.path / "test.txt").is_file() else root
-        return resolve_split(folder, find_samples(root), cfg.data.split_seed, cfg.data.test_fraction)
+        return resolve_split(folder, find_samples(root), cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
 
     def eval_datasets(self, cfg: Config, data_dir: str | Path | None = None) -> dict[str, SegmentationDataset]:
         """See :func:`eval_datasets`."""
@@ -170,18 +201,18 @@ class RunDir:
 
 
 def eval_datasets(cfg: Config, run: RunDir | None, data_dir: str | Path | None = None) -> dict[str, SegmentationDataset]:
-    """A run's train and test images through the eval pipeline (no random augmentation), keyed by split.
+    """A run's train, validation and test images through the eval pipeline (no random augmentation), by split.
 
     The split is the one saved in ``run``; without a run, it is resolved from the data folder as
     training would. ``data_dir`` replaces the config's data root when the data moved.
     """
     root = Path(data_dir or cfg.data.root)
     samples = find_samples(root)
-    split = run.split(cfg, root) if run is not None else resolve_split(root, samples, cfg.data.split_seed,
-                                                                        cfg.data.test_fraction)
+    split = run.split(cfg, root) if run is not None else resolve_split(
+        root, samples, cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
     common = dict(image_size=cfg.data.image_size, transform=build_eval_transform(cfg.augment),
                   encoding=dataset_encoding(cfg.data, [sample.mask for sample in samples.values()]))
-    return {name: SegmentationDataset([samples[i] for i in getattr(split, name)], **common) for name in ("train", "test")}
+    return {name: SegmentationDataset([samples[i] for i in ids], **common) for name, ids in split.items()}
 
 
 def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) -> RunDir:
@@ -243,30 +274,56 @@ def latest_run(output_dir: str | Path) -> RunDir:
 
 
 class CheckpointSaver:
-    """What is written when: ``last.pt`` after every epoch, ``best.pt`` when the monitored score improves.
+    """What is written when: ``last.pt`` after every epoch, ``best.pt`` when the validation score improves.
 
-    ``score`` maps an evaluation to the number that selects (higher is better when ``mode`` is
-    ``"max"``); epochs without an evaluation only update ``last.pt``.
+    ``metric`` is ``"dice"`` or ``"iou"`` (validation per-image mean, higher is better) or ``"loss"``
+    (lower is better). With ``metric=None`` (no validation split) every epoch becomes the best, so
+    ``best.pt`` is the last epoch. The test split is never seen here.
     """
 
-    def __init__(self, run: RunDir, progress: Progress, score: Callable[[EvalResult], float], mode: str = "max",
-                 selected_on: str = "test") -> None:
-        self.run, self.progress, self.score, self.mode, self.selected_on = run, progress, score, mode, selected_on
+    def __init__(self, run: RunDir, progress: Progress, metric: str | None) -> None:
+        self.run, self.progress, self.metric = run, progress, metric
 
-    def improves(self, value: float) -> bool:
-        best = self.progress.best_score
-        return best is None or (value > best if self.mode == "max" else value < best)
+    def score(self, result: EvalResult) -> float:
+        return result.loss if self.metric == "loss" else getattr(result.per_image, self.metric)
 
-    def save(self, model: torch.nn.Module, cfg: Config, epoch: int, result: EvalResult | None) -> bool:
-        """Write the checkpoints of ``epoch``; returns True when it became the best."""
-        summary = _summary(result)
-        save_model_checkpoint(self.run.last, model, cfg, epoch, summary)
-        if result is None or not self.improves(value := self.score(result)):
+    def improves(self, result: EvalResult | None) -> bool:
+        if self.metric is None:
+            return True
+        if result is None:
             return False
-        self.progress.best_score, self.progress.best_epoch = value, epoch
-        selection = {"epoch": epoch, "split": self.selected_on, "score": value}
-        save_model_checkpoint(self.run.best, model, cfg, epoch, {**summary, "selection": selection})
-        return True
+        best, value = self.progress.best_score, self.score(result)
+        return best is None or (value < best if self.metric == "loss" else value > best)
+
+    def save(self, model: torch.nn.Module, cfg: Config, epoch: int, result: EvalResult | None, write: bool) -> bool:
+        """Record ``epoch`` and write its checkpoints when ``write`` (the main process); True when it became the best.
+
+        Call it on every process, so that all of them agree on the best epoch and on early stopping.
+        """
+        improved = self.improves(result)
+        if improved:
+            self.progress.best_score = self.score(result) if self.metric and result is not None else None
+            self.progress.best_epoch = epoch
+        if write:
+            summary = _summary(result)
+            save_model_checkpoint(self.run.last, model, cfg, epoch, summary)
+            if improved:
+                save_model_checkpoint(self.run.best, model, cfg, epoch, {**(summary or {}), "selection": self.selection()})
+        return improved
+
+    def selection(self) -> dict:
+        """How best.pt was chosen: epoch, split, metric and score."""
+        if self.metric is None:
+            return {"epoch": self.progress.best_epoch, "split": None, "metric": None, "score": None,
+                    "rule": "no validation split: the last epoch"}
+        return {"epoch": self.progress.best_epoch, "split": "validation", "metric": f"per-image {self.metric}"
+                if self.metric != "loss" else "loss", "score": self.progress.best_score}
+
+    def patience_left(self, patience: int, eval_every: int) -> bool:
+        """False once ``patience`` evaluations in a row have not improved on the best (0: never stop)."""
+        if not patience or self.metric is None or self.progress.best_epoch is None:
+            return True
+        return self.progress.epoch - self.progress.best_epoch < patience * eval_every
 
 
 def _summary(result: EvalResult | None) -> dict | None:

@@ -24,7 +24,6 @@ import numpy as np
 
 import kvseg
 from kvseg.config import DataConfig
-from kvseg.data import SPLIT_FILES
 from kvseg.errors import DatasetNotFoundError
 
 DEFAULT_DATA_ROOT = DataConfig.root
@@ -203,8 +202,8 @@ def write_synthetic_dataset(
     order = np.random.default_rng(sequence.spawn(1)[0]).permutation(num_images)
     test = sorted(ids[i] for i in order[:n_test])
     train = sorted(ids[i] for i in order[n_test:])
-    for filename, split in zip(SPLIT_FILES, (train, test)):
-        (root / filename).write_text("".join(f"{i}\n" for i in split))
+    for filename, ids in (("train.txt", train), ("test.txt", test)):  # the official layout: no val.txt
+        (root / filename).write_text("".join(f"{i}\n" for i in ids))
     return root
 
 

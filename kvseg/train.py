@@ -10,29 +10,28 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from kvseg.check import check_training_data
+from kvseg.checkpoint import load_model_checkpoint, set_threshold
 from kvseg.config import Config, config_to_yaml
 from kvseg.data import Split, find_samples, resolve_split
-from kvseg.dataset import build_dataloaders, build_datasets
 from kvseg.errors import CheckpointError, KvsegError
-from kvseg.evaluate import EvalResult, evaluate, torch_logits
-from kvseg.losses import build_loss
-from kvseg.model import build_model
-from kvseg.optim import build_optimizer, build_scheduler
+from kvseg.evaluate import EvalResult, evaluate, tune_threshold
+from kvseg.factory import Training, build_accelerator, build_training, environment, start_trackers
 from kvseg.report import write_report
 from kvseg.runs import CheckpointSaver, RunDir, create_run, open_run, resume_config
 from kvseg.runs import Progress as RunProgress
-from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
+from kvseg.runtime import cpu_threads_per_process
 from kvseg.synthetic import resolve_data_root
 
 
@@ -76,10 +75,17 @@ def train_one_epoch(
     channels_last: bool,
     description: str = "training",
     max_steps: int | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: AveragedModel | None = None,
 ) -> EpochStats:
-    """One pass over ``loader`` (or its first ``max_steps`` batches); the loss is averaged over all samples on all processes."""
+    """One pass over ``loader`` (or its first ``max_steps`` batches).
+
+    ``scheduler`` and ``ema`` step after every optimizer step (not every micro-batch under gradient
+    accumulation). The returned loss is averaged over all samples on all processes; ``lr`` is the
+    learning rate of the epoch's last step.
+    """
     model.train()
-    start = time.perf_counter()
+    start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
@@ -103,62 +109,63 @@ def train_one_epoch(
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                lr = optimizer.param_groups[0]["lr"]
+                if scheduler is not None:
+                    scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model))
             loss_sum += loss.detach().double() * len(images)
             count += len(images)
             if step % 10 == 0 and accelerator.is_main_process:
                 progress.update(task, loss=f"{loss.item():.4f}")
             progress.advance(task)
     loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
-    return EpochStats(float(loss_sum / count), time.perf_counter() - start, int(count), optimizer.param_groups[0]["lr"])
+    return EpochStats(float(loss_sum / count), time.perf_counter() - start, int(count), lr)
 
 
 # ---------------------------------------------------------------------------------------------
 # Set-up of a run
 
 
-def build_accelerator(cfg: Config, options: RunOptions) -> Accelerator:
-    """The accelerator of a run: kvseg's precision and device policy (:mod:`kvseg.runtime`), seeded sampling."""
-    return Accelerator(
-        cpu=no_accelerator(),
-        mixed_precision=resolve_mixed_precision(options.mixed_precision),
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
-    )
+
 
 
 def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tuple[RunDir, Split, RunProgress, Path | None]:
-    """A new run folder, or the one to resume: its split, progress and the state folder to load (None when new).
+    """A new run folder, or the one to resume, locked for this run: its split, progress and the state to load.
 
-    A new run resolves the data folder first (writing the synthetic stand-in when needed) and
-    records it in ``cfg.data.root``.
+    A new run resolves the data folder first (writing the synthetic stand-in when needed), records
+    it in ``cfg.data.root`` and writes the config, split and environment. The state folder is None
+    for a new run.
     """
     if options.resume:
         run = open_run(options.resume)
         resume_config(run, cfg)
         state, progress = run.load_progress()
-        return run, run.split(cfg), progress, state
-    cfg.data.root = str(resolve_data_root(cfg.data, options.data_dir_given, accelerator))
-    split = resolve_split(cfg.data.root, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction)
-    return create_run(cfg.output_dir, cfg.run_name, accelerator), split, RunProgress(), None
-
-
-def environment(accelerator: Accelerator) -> dict:
-    """The machine (:func:`kvseg.runtime.describe_machine`) and how this run uses it."""
-    return {**describe_machine(), "device": str(accelerator.device), "num_processes": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision}
-
-
-def prepare_model(cfg: Config, accelerator: Accelerator) -> torch.nn.Module:
-    """The U-Net of ``cfg``, with SyncBatchNorm under multi-GPU DDP (``train.sync_batchnorm``) and channels_last."""
-    model: torch.nn.Module = build_model(cfg.model)
-    sync = cfg.train.sync_batchnorm
-    if sync == "on" or (sync == "auto" and accelerator.num_processes > 1 and accelerator.device.type == "cuda"):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+        split = run.split(cfg)
+    else:
+        cfg.data.root = str(resolve_data_root(cfg.data, options.data_dir_given, accelerator))
+        split = resolve_split(cfg.data.root, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction,
+                              cfg.data.val_fraction)
+        run, state, progress = create_run(cfg.output_dir, cfg.run_name, accelerator), None, RunProgress()
+    check_training_data(cfg, accelerator)  # prints the folder summary; fixes data.mask_encoding before it is saved
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
+    accelerator.print(config_to_yaml(cfg).rstrip())
+    run.lock(accelerator)
+    accelerator.print(
+        f"Run folder {run}; data {cfg.data.root} ({len(split.train)} train / {len(split.val)} validation / "
+        f"{len(split.test)} test, split from {split.source}); {accelerator.num_processes} process(es) on "
+        f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
+    )
+    if accelerator.is_main_process and state is None:
+        run.write_start(cfg, split, environment(accelerator))
+    start_trackers(accelerator, cfg, run)
+    return run, split, progress, state
 
 
 def load_state(accelerator: Accelerator, state: Path, progress: RunProgress) -> None:
-    """Restore model, optimizer, scheduler, sampler and RNG states saved by :meth:`RunDir.save_state`."""
+    """Restore model, optimizer, scheduler, EMA, sampler and RNG states saved by :meth:`RunDir.save_state`."""
     try:
         accelerator.load_state(str(state))
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -176,11 +183,14 @@ def check_finite(stats: EpochStats, epoch: int, run: RunDir, progress: RunProgre
                              "try a lower train.lr or --mixed-precision no")
 
 
-def history_record(epoch: int, stats: EpochStats, result: EvalResult | None) -> dict:
-    """One row of history.json."""
-    return {"epoch": epoch, "train_loss": stats.loss, "test_loss": result.loss if result else None,
-            "test_iou": result.per_image.iou if result else None, "seconds": stats.seconds,
-            "images_per_s": stats.images_per_s, "lr": stats.lr}
+def history_record(epoch: int, stats: EpochStats, result: EvalResult | None, best: bool) -> dict:
+    """One row of history.json (validation scores where the epoch was evaluated)."""
+    return {"epoch": epoch, "train_loss": stats.loss, "val_loss": result.loss if result else None,
+            "val_iou": result.per_image.iou if result else None, "val_dice": result.per_image.dice if result else None,
+            "best": best, "seconds": stats.seconds, "images_per_s": stats.images_per_s, "lr": stats.lr}
+
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,73 +199,88 @@ def history_record(epoch: int, stats: EpochStats, result: EvalResult | None) -> 
 
 def run_training(cfg: Config, options: RunOptions) -> Path:
     """Train ``cfg`` end to end and return the run folder; see the README for what it holds."""
-    accelerator = build_accelerator(cfg, options)
+    accelerator = build_accelerator(cfg, options.mixed_precision)
     run, split, progress, state = start_run(cfg, options, accelerator)
-    check_training_data(cfg, accelerator)  # prints the folder summary; fixes data.mask_encoding
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
-    accelerator.print(config_to_yaml(cfg).rstrip())
-    run_lock = run.lock(accelerator)  # noqa: F841 - held until training returns
-    accelerator.print(
-        f"Run folder {run}; data {cfg.data.root} ({len(split.train)} train / {len(split.test)} test, split from "
-        f"{split.source}); {accelerator.num_processes} process(es) on {accelerator.device}, "
-        f"mixed precision {accelerator.mixed_precision}"
-    )
-    if accelerator.is_main_process and state is None:
-        run.write_start(cfg, split, environment(accelerator))
-
     set_seed(cfg.train.seed)
-    model = prepare_model(cfg, accelerator)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    accelerator.register_for_checkpointing(scheduler)
-    datasets = build_datasets(cfg, find_samples(cfg.data.root), {"train": split.train, "test": split.test})
-    loaders = build_dataloaders(cfg, datasets, accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, loaders["train"], loaders["test"])
-    loss_fn = build_loss(cfg.train)
+    training = build_training(cfg, split, accelerator)
     if state is not None:
         load_state(accelerator, state, progress)
-    saver = CheckpointSaver(run, progress, score=lambda result: result.per_image.iou)
-    score = partial(evaluate, loader=test_loader, threshold=cfg.train.threshold, loss_fn=loss_fn,
-                    loss_name=cfg.train.loss, gather=accelerator.gather_for_metrics)
-
-    epochs, result = cfg.train.epochs, None
-    for epoch in range(progress.epoch + 1, epochs + 1):
-        train_loader.set_epoch(epoch)
-        datasets["train"].set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, optimizer, loss_fn, accelerator, cfg.train.channels_last,
-                                f"epoch {epoch}/{epochs}")
-        check_finite(stats, epoch, run, progress)
-        scheduler.step()
-        accelerator.print(stats.line(epoch, epochs))
-        due = epoch == epochs or (cfg.train.eval_every > 0 and epoch % cfg.train.eval_every == 0)
-        result = score(torch_logits(model, cfg.train.channels_last)) if due else None
-        if result is not None:
-            accelerator.print(f"Test {result.line()}")
-        progress.epoch = epoch
-        progress.history.append(history_record(epoch, stats, result))
-        if accelerator.is_main_process:
-            saver.save(accelerator.unwrap_model(model), cfg, epoch, result)
-            run.write_history(progress.history)
-        run.save_state(accelerator, progress)
-
-    finish_run(run, cfg, torch_logits(model, cfg.train.channels_last), score, result, progress, accelerator)
+    saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None)
+    score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
+                    gather=accelerator.gather_for_metrics)
+    for epoch in range(progress.epoch + 1, cfg.train.epochs + 1 if not progress.stopped_early else 0):
+        run_epoch(epoch, cfg, training, score, saver, accelerator)
+        if progress.stopped_early:
+            accelerator.print(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
+                              f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
+            break
+    finish_run(cfg, training, score, saver, accelerator)
     accelerator.end_training()
     return run.path
 
 
-def finish_run(run: RunDir, cfg: Config, logits_fn, score, result: EvalResult | None, progress: RunProgress,
-               accelerator: Accelerator) -> None:
-    """The final test evaluation (plain and with TTA), metrics.json and the report."""
-    if result is None:  # resumed a run that had already finished: evaluate the final weights again
-        result = score(logits_fn)
-        accelerator.print(f"Test {result.line()}")
-    metrics = {"epoch": progress.epoch, **result.to_json()}
+def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator) -> None:
+    """Train one epoch, validate when due, write the checkpoints, history and training state of ``epoch``."""
+    run, progress, epochs = saver.run, saver.progress, cfg.train.epochs
+    training.loaders["train"].set_epoch(epoch)
+    training.datasets["train"].set_epoch(epoch)
+    stats = train_one_epoch(training.model, training.loaders["train"], training.optimizer, training.loss_fn, accelerator,
+                            cfg.train.channels_last, f"epoch {epoch}/{epochs}", scheduler=training.scheduler,
+                            ema=training.ema)
+    check_finite(stats, epoch, run, progress)
+    accelerator.print(stats.line(epoch, epochs))
+    due = "val" in training.loaders and (epoch == epochs or epoch % cfg.train.eval_every == 0)
+    result = score(training.logits, training.loaders["val"]) if due else None
+    progress.epoch = epoch
+    best = saver.save(training.weights, cfg, epoch, result, write=accelerator.is_main_process)
+    if result is not None:
+        accelerator.print(f"Validation {result.line()}{' (best so far)' if best else ''}")
+    progress.history.append(history_record(epoch, stats, result, best))
+    accelerator.log({k: v for k, v in progress.history[-1].items() if isinstance(v, float)}, step=epoch)
+    progress.stopped_early = not saver.patience_left(cfg.train.early_stopping_patience, cfg.train.eval_every)
+    if accelerator.is_main_process:
+        run.write_history(progress.history)
+    run.save_state(accelerator, progress)
+
+
+def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator) -> None:
+    """Load the selected weights, tune the threshold on validation (optional), then score the test split once.
+
+    Writes metrics.json, per_image.csv and the report. The test split is evaluated here and nowhere
+    else, with the weights and threshold that validation chose.
+    """
+    run, loaders, scored = saver.run, training.loaders, training.logits
+    accelerator.wait_for_everyone()
+    training.weights.load_state_dict(load_model_checkpoint(run.best)["model"])
+    threshold, tuning = cfg.train.threshold, None
+    if cfg.eval.tune_threshold and "val" in loaders:
+        choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, gather=accelerator.gather_for_metrics)
+        threshold, tuning = choice.value, asdict(choice)
+        accelerator.print(f"Threshold {threshold} (tuned on validation: per-image Dice {max(choice.dice):.4f})")
+        if accelerator.is_main_process:
+            set_threshold(run.best, threshold, tuning)
+    selection = saver.selection()
+    accelerator.print(f"Selected epoch {selection['epoch']}"
+                      + (f" (validation {selection['metric']} {selection['score']:.4f})" if selection["split"] else
+                         " (no validation split: the last epoch)"))
+    results = {name: score(scored, loaders[name], threshold=threshold) for name in ("val", "test") if name in loaders}
+    accelerator.print(f"Test {results['test'].line()}")
+    metrics = {"epoch": selection["epoch"], "epochs_trained": saver.progress.epoch,
+               "stopped_early": saver.progress.stopped_early, "selection": selection,
+               "threshold": {"value": threshold, "tuned_on": "validation" if tuning else None, **(tuning or {})},
+               **{("validation" if name == "val" else name): _without_rows(result) for name, result in results.items()}}
     if cfg.eval.tta:
-        tta = score(logits_fn, tta=cfg.eval.tta)
+        tta = score(scored, loaders["test"], threshold=threshold, tta=cfg.eval.tta)
         accelerator.print(f"With TTA ({len(cfg.eval.tta)} transforms): Test {tta.line()}")
-        metrics["tta"] = {k: v for k, v in tta.to_json().items() if k not in ("images", "curves")}
+        metrics["test_tta"] = _without_rows(tta)
     if accelerator.is_main_process:
         run.write_metrics(metrics)
+        run.write_per_image({("validation" if name == "val" else name): result for name, result in results.items()})
         write_report(run)
+    accelerator.log({f"test_{k}": v for k, v in asdict(results["test"].per_image).items()}, step=saver.progress.epoch)
     accelerator.print(f"Wrote {run}")
+
+
+def _without_rows(result: EvalResult) -> dict:
+    """An evaluation for metrics.json: its per-image rows go to per_image.csv instead."""
+    return {k: v for k, v in result.to_json().items() if k != "images"}

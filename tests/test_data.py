@@ -138,3 +138,29 @@ def test_shared_cache_is_filled_by_workers_and_skips_decoding(dataset_copy: Path
         sample.image.unlink()
     second = torch.cat([images for images, _, _ in loader])
     assert torch.equal(first, second)
+
+
+def test_validation_is_carved_from_train_by_seed_and_never_from_test(dataset_copy: Path) -> None:
+    samples = find_samples(dataset_copy)
+    split = resolve_split(dataset_copy, samples, seed=0, test_fraction=0.2, val_fraction=0.25)
+    official_test = (dataset_copy / "test.txt").read_text().split()
+    assert split.test == official_test
+    assert len(split.val) == round(0.25 * (len(samples) - len(official_test)))
+    assert sorted(split.train + split.val) == sorted((dataset_copy / "train.txt").read_text().split())
+    assert split == resolve_split(dataset_copy, samples, seed=0, test_fraction=0.2, val_fraction=0.25)
+    assert split.val != resolve_split(dataset_copy, samples, seed=1, test_fraction=0.2, val_fraction=0.25).val
+    assert "validation drawn by seed 0" in split.source
+    assert resolve_split(dataset_copy, samples, seed=0, test_fraction=0.2, val_fraction=0.0).val == []
+
+
+def test_val_txt_is_honoured_and_checked(dataset_copy: Path, tmp_path: Path) -> None:
+    train = (dataset_copy / "train.txt").read_text().split()
+    (dataset_copy / "train.txt").write_text("\n".join(train[3:]) + "\n")
+    (dataset_copy / "val.txt").write_text("\n".join(train[:3]) + "\n")
+    split = resolve_split(dataset_copy, find_samples(dataset_copy), seed=0, test_fraction=0.2, val_fraction=0.5)
+    assert split.val == train[:3] and split.train == train[3:]
+    write_split(split, tmp_path / "run")
+    assert (tmp_path / "run" / "val.txt").read_text().split() == train[:3]
+    (dataset_copy / "val.txt").write_text(train[4] + "\n")  # also in train.txt
+    with pytest.raises(SplitError, match="both train and val"):
+        resolve_split(dataset_copy, find_samples(dataset_copy), seed=0, test_fraction=0.2)

@@ -15,10 +15,11 @@ import torch
 
 import kvseg.export
 from conftest import REPO
-from kvseg.checkpoint import load_trained_model
+from kvseg.checkpoint import load_trained_model, set_threshold
 from kvseg.errors import CheckpointError
 from kvseg.export import VerificationError, export_run
 from kvseg.onnx_model import read_metadata
+from kvseg.predict import onnx_predictor, torch_predictor
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,14 @@ def test_int8_that_loses_iou_fails_closed(fresh_run: Path, tmp_path: Path, monke
                    log=lambda _: None)
     assert output.is_file()  # the verified fp32 model stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_tuned_threshold_reaches_the_onnx_metadata_and_predict(fresh_run: Path, tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(fresh_run, tmp_path / "run"))
+    set_threshold(run_dir / "checkpoints" / "best.pt", 0.3, {"tuned_on": "validation"})
+    export_run(run_dir / "checkpoints" / "best.pt", run_dir / "model.onnx", run_dir=run_dir, log=lambda _: None)
+    assert read_metadata(run_dir / "model.onnx")["threshold"] == 0.3
+    assert torch_predictor(run_dir).threshold == 0.3 and onnx_predictor(run_dir / "model.onnx").threshold == 0.3
 
 
 def test_fp16_can_fail_its_rule(fresh_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -311,7 +311,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_next(dataset_copy: Path, 
     cfg = load_config(run / "config.yaml")
     assert cfg.data.mask_encoding == "binary-0-255"
     assert eval_datasets(cfg, RunDir(run))["test"].encoding == MaskEncoding("binary-0-255")  # report and export read so
-    assert json.loads((run / "metrics.json").read_text())["num_images"] > 0
+    assert json.loads((run / "metrics.json").read_text())["test"]["num_images"] > 0
 
 
 def test_a_loss_that_is_not_finite_in_epoch_1_names_no_checkpoint(tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ from sklearn.metrics import (
     recall_score,
     roc_auc_score,
 )
+from torch.utils.data import DataLoader
 
-from conftest import score
+from conftest import TensorSplit, score
+from kvseg.evaluate import tune_threshold
 from kvseg.metrics import scores_from_counts
 
 BIG = 30.0  # a logit far from the threshold
@@ -105,3 +107,14 @@ def test_no_positive_pixel_leaves_ranking_scores_undefined_with_a_reason() -> No
     assert "no instrument pixel" in result.undefined["average_precision"]
     assert result.per_image.iou == 1.0
     assert json.loads(json.dumps(result.to_json(), allow_nan=False))["roc_auc"] is None  # valid JSON, no NaN
+
+
+def test_threshold_tuning_maximises_per_image_dice() -> None:
+    masks = torch.zeros(4, 1, 6, 6)
+    masks[:, :, :3] = 1
+    probability = torch.where(masks.bool(), 0.3, 0.1)  # every threshold between 0.1 and 0.3 separates perfectly
+    logits = torch.log(probability / (1 - probability))
+    grid = [0.05, 0.15, 0.2, 0.25, 0.5, 0.9]
+    choice = tune_threshold(lambda x: x, DataLoader(TensorSplit(logits, masks), batch_size=3), grid)
+    assert choice.value == 0.25  # the best Dice, and of the ties the nearest to 0.5
+    assert choice.dice == pytest.approx([2 * 18 / (2 * 18 + 18), 1.0, 1.0, 1.0, 0.0, 0.0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import psutil
 import pytest
 import torch
@@ -36,7 +38,8 @@ def run(launcher: list[str], *args: str, cwd: Path, timeout: int = 240) -> subpr
 
 
 def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
+    """The test section of metrics.json."""
+    return json.loads((run_dir / "metrics.json").read_text())["test"]
 
 
 @pytest.fixture(scope="module")
@@ -61,26 +64,38 @@ def test_two_processes_print_one_line_per_epoch(two_process_run: tuple[Path, sub
 
 def test_run_folder_contents(two_process_run: tuple[Path, subprocess.CompletedProcess], synthetic_root: Path) -> None:
     run_dir, _ = two_process_run
-    for name in ("config.yaml", "train.txt", "test.txt", "environment.json", "history.json", "metrics.json",
+    for name in ("config.yaml", "train.txt", "val.txt", "test.txt", "environment.json", "history.json", "metrics.json",
+                 "per_image.csv",
                  "loss_curve.png", "metrics.png", "checkpoints/last.pt", "checkpoints/best.pt",
                  "checkpoints/state/progress.json"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = json.loads((run_dir / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2] and history[1]["test_loss"] is not None
+    assert [h["epoch"] for h in history] == [1, 2] and all(h["val_loss"] is not None for h in history)
+    assert "test_loss" not in history[0]  # the test split is not looked at while training
     assert all(h["images_per_s"] > 0 and h["seconds"] > 0 for h in history)
     environment = json.loads((run_dir / "environment.json").read_text())
     assert environment["num_processes"] == 2
     metrics = _metrics(run_dir)
     test_ids = (synthetic_root / "test.txt").read_text().split()
-    ids = [row["id"] for row in metrics["images"]]
+    rows = list(csv.DictReader((run_dir / "per_image.csv").read_text().splitlines()))
+    ids = [row["id"] for row in rows if row["split"] == "test"]
     assert metrics["num_images"] == len(test_ids) == len(set(ids))  # no padded duplicates
     assert sorted(ids) == sorted(test_ids)
+    val_ids = (run_dir / "val.txt").read_text().split()
+    assert sorted(row["id"] for row in rows if row["split"] == "validation") == sorted(val_ids)
+    assert not set(val_ids) & set(test_ids) and not set(val_ids) & set((run_dir / "train.txt").read_text().split())
     cm = metrics["confusion_matrix"]
     assert sum(cm.values()) == len(test_ids) * 64 * 64
     model, _, payload = load_trained_model(run_dir / "checkpoints" / "last.pt")
     assert payload["epoch"] == 2 and payload["config"]["model"]["base_channels"] == 8
-    assert payload["metrics"]["per_image"]["iou"] == pytest.approx(metrics["per_image"]["iou"])
+    assert payload["metrics"]["per_image"]["dice"] == pytest.approx(history[1]["val_dice"])  # epoch 2's validation
+    _, _, best = load_trained_model(run_dir / "checkpoints" / "best.pt")
+    selection = best["metrics"]["selection"]
+    chosen = max(history, key=lambda h: h["val_dice"])
+    assert selection["split"] == "validation" and selection["epoch"] == chosen["epoch"] == best["epoch"]
+    assert selection["score"] == pytest.approx(chosen["val_dice"])
+    assert json.loads((run_dir / "metrics.json").read_text())["selection"] == selection
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
@@ -88,11 +103,41 @@ def test_training_writes_the_report_and_tta_metrics(two_process_run: tuple[Path,
     run_dir, _ = two_process_run
     for name in [*FIGURES, "index.html"]:
         assert (run_dir / name).is_file(), name
-    metrics = _metrics(run_dir)
-    assert metrics["tta"]["transforms"] == list(ALL_TRANSFORMS) and metrics["transforms"] == []
-    assert 0 <= metrics["tta"]["per_image"]["iou"] <= 1
-    assert metrics["tta"]["per_image"]["iou"] != metrics["per_image"]["iou"]  # really a different evaluation
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    tta, test = metrics["test_tta"], metrics["test"]
+    assert tta["transforms"] == list(ALL_TRANSFORMS) and test["transforms"] == []
+    assert 0 <= tta["per_image"]["iou"] <= 1
+    assert tta["per_image"]["iou"] != test["per_image"]["iou"]  # really a different evaluation
     assert "TTA (8), per-image" in (run_dir / "index.html").read_text()
+
+
+def test_the_test_split_never_influences_selection(two_process_run: tuple[Path, subprocess.CompletedProcess],
+                                                   dataset_copy: Path, tmp_path: Path) -> None:
+    """Inverting every test mask changes the test scores and nothing else: the same epochs, validation
+    scores and chosen epoch. The same run logs to TensorBoard, whose event files must be readable."""
+    for mask_id in (dataset_copy / "test.txt").read_text().split():
+        path = dataset_copy / "masks" / f"{mask_id}.png"
+        cv2.imwrite(str(path), 255 - cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))
+    reference_dir, _ = two_process_run
+    result = run(TWO_CPU_PROCESSES, "--data-dir", str(dataset_copy), "--epochs", "2", "--output-dir", str(tmp_path),
+                 "--run-name", "ddp", *TINY, "--set", "train.trackers=[tensorboard]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    corrupted_dir = tmp_path / "ddp"
+    keys = ("epoch", "train_loss", "val_loss", "val_dice", "best")
+    history = [{k: h[k] for k in keys} for h in json.loads((corrupted_dir / "history.json").read_text())]
+    reference = [{k: h[k] for k in keys} for h in json.loads((reference_dir / "history.json").read_text())]
+    assert history == reference
+    full, full_reference = (json.loads((d / "metrics.json").read_text()) for d in (corrupted_dir, reference_dir))
+    assert full["selection"] == full_reference["selection"]
+    assert full["validation"]["per_image"] == full_reference["validation"]["per_image"]
+    assert full["test"]["per_image"]["iou"] != pytest.approx(full_reference["test"]["per_image"]["iou"], abs=1e-3)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(corrupted_dir / "logs" / "kvseg"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_dice")] == [1, 2]
+    assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([h["train_loss"] for h in history])
 
 
 def test_one_process_evaluation_equals_two(two_process_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
@@ -163,9 +208,10 @@ def test_trains_on_a_generic_folder_without_split_files(generic_root: Path, tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     assert "split from seed 0" in result.stdout
     run_dir = tmp_path / "g"
-    assert len((run_dir / "train.txt").read_text().split()) == 3 and len((run_dir / "test.txt").read_text().split()) == 2
+    sizes = [len((run_dir / f"{name}.txt").read_text().split()) for name in ("train", "val", "test")]
+    assert sizes == [2, 1, 2]  # 5 images: 2 drawn for test, then 1 of the other 3 for validation
     assert sorted(p.relative_to(generic_root) for p in generic_root.rglob("*")) == before  # data folder untouched
-    assert json.loads((run_dir / "metrics.json").read_text())["num_images"] == 2
+    assert _metrics(run_dir)["num_images"] == 2
 
 
 def test_state_left_by_a_crashed_swap_is_still_found(tmp_path: Path) -> None:
