@@ -21,6 +21,7 @@ from kvseg.data import Sample
 from kvseg.dataset import SegmentationDataset, build_dataloaders
 from kvseg.factory import build_accelerator, prepare_model
 from kvseg.losses import build_loss
+from kvseg.masks import MaskEncoding
 from kvseg.model import build_model
 from kvseg.optim import build_optimizer
 from kvseg.runtime import resolve_mixed_precision
@@ -30,10 +31,11 @@ STUDY_SECONDS_PER_EPOCH = 300.0
 STUDY_TRAIN_IMAGES = 472
 
 
-def plain_images_per_s(cfg: Config, samples: list[Sample], steps: int, warmup: int, device: str) -> float:
+def plain_images_per_s(cfg: Config, samples: list[Sample], encoding: MaskEncoding, steps: int, warmup: int,
+                       device: str) -> float:
     """Images/s of the loop a study would write: fp32, NCHW, no workers, no cache, same model and loss."""
     dataset = SegmentationDataset(samples, cfg.data.image_size, build_train_transform(cfg.augment),
-                                  cfg.data.mask_threshold, cache=False)
+                                  encoding, cache=False)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, num_workers=0)
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
@@ -55,7 +57,7 @@ def plain_images_per_s(cfg: Config, samples: list[Sample], steps: int, warmup: i
     return images / (time.perf_counter() - start)
 
 
-def harness_images_per_s(cfg: Config, samples: list[Sample], steps: int) -> tuple[float, dict]:
+def harness_images_per_s(cfg: Config, samples: list[Sample], encoding: MaskEncoding, steps: int) -> tuple[float, dict]:
     """Images/s of :func:`kvseg.train.train_one_epoch` as a run sets it up, after one warm-up epoch.
 
     The warm-up epoch starts the DataLoader workers and fills the decoded-image cache, as epoch 1
@@ -70,7 +72,7 @@ def harness_images_per_s(cfg: Config, samples: list[Sample], steps: int) -> tupl
     model = prepare_model(cfg, accelerator)
     optimizer, loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)
     dataset = SegmentationDataset(samples, cfg.data.image_size, build_train_transform(cfg.augment),
-                                  cfg.data.mask_threshold, cache=cfg.data.cache, seed=0)
+                                  encoding, cache=cfg.data.cache, seed=0)
     loader = build_dataloaders(cfg, {"train": dataset}, pin_memory=gpu)["train"]
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     train_one_epoch(model, loader, optimizer, loss_fn, accelerator, cfg.train.channels_last, "warm-up")
@@ -101,8 +103,8 @@ def measure_training(cfg: Config, train_set: SegmentationDataset, steps: int, wa
     first, so it cannot profit from a cache the harness filled.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plain = plain_images_per_s(cfg, train_set.samples, steps, warmup, device)
-    harness, settings = harness_images_per_s(cfg, train_set.samples, steps)
+    plain = plain_images_per_s(cfg, train_set.samples, train_set.encoding, steps, warmup, device)
+    harness, settings = harness_images_per_s(cfg, train_set.samples, train_set.encoding, steps)
     return {
         "image_size": cfg.data.image_size, "base_channels": cfg.model.base_channels, "depth": cfg.model.depth,
         "batch_size": cfg.train.batch_size, "steps": steps, **settings,

@@ -27,7 +27,9 @@ class DataConfig:
 
     root: str = "data/kvasir-instrument"
     image_size: int = 128  # images and masks are resized to image_size x image_size
-    mask_threshold: int = 128  # mask pixels >= threshold (0-255 scale) are instrument
+    mask_threshold: int = 128  # binary-0-255 masks: values >= threshold are instrument
+    mask_encoding: str = "auto"  # auto (decided once from all masks), binary-0-255, binary-0-1, labels or palette
+    foreground_values: list[int] = field(default_factory=list)  # labels/palette: instrument values; []: any non-zero
     test_fraction: float = 0.2  # used only when the folder has no train.txt / test.txt
     val_fraction: float = 0.15  # of the training ids, drawn by split_seed, when the folder has no val.txt; 0: none
     split_seed: int = 0
@@ -112,6 +114,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.mask_encoding": ("auto", "binary-0-255", "binary-0-1", "labels", "palette"),  # kvseg.masks.ENCODINGS
     "model.upsample": ("transpose", "bilinear"),
     "train.optimizer": ("adam", "adamw"),
     "train.scheduler": ("none", "cosine", "warmup_cosine", "onecycle"),
@@ -173,6 +176,21 @@ def _validate(cfg: Config) -> None:
             f"config key 'data.image_size' is {cfg.data.image_size}; expected a multiple of "
             f"2**model.depth = {2**cfg.model.depth}"
         )
+    if cfg.data.image_size < 2 ** (cfg.model.depth + 1):
+        raise ConfigError(
+            f"config key 'data.image_size' is {cfg.data.image_size}; with model.depth = {cfg.model.depth} the "
+            f"bottleneck would be {cfg.data.image_size // 2**cfg.model.depth}x{cfg.data.image_size // 2**cfg.model.depth} "
+            "px, where BatchNorm cannot train on a batch of one image; expected at least "
+            f"{2 ** (cfg.model.depth + 1)} (2x2 px at the bottleneck), or a smaller model.depth"
+        )
+    if not 1 <= cfg.data.mask_threshold <= 255:
+        raise ConfigError(f"config key 'data.mask_threshold' is {cfg.data.mask_threshold}; expected 1 to 255")
+    values = cfg.data.foreground_values
+    if any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"config key 'data.foreground_values' is {values}; expected distinct non-negative mask values")
+    if values and cfg.data.mask_encoding.startswith("binary"):
+        raise ConfigError(f"config key 'data.foreground_values' is {values}, but data.mask_encoding is "
+                          f"{cfg.data.mask_encoding}; expected labels, palette or auto with foreground values")
     try:
         check_transforms(cfg.eval.tta)
     except ValueError as exc:

@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kvseg.augment import build_eval_transform, build_train_transform
-from kvseg.config import Config
-from kvseg.data import Sample, read_image, read_mask, resize_pair
+from kvseg.config import Config, DataConfig
+from kvseg.data import Sample, read_image, resize_pair
 from kvseg.errors import CorruptImageError, EmptyDatasetError
+from kvseg.masks import MaskEncoding, dataset_encoding, read_mask
 from kvseg.runtime import default_num_workers, single_threaded_opencv
 
 
@@ -25,6 +26,9 @@ class SegmentationDataset(Dataset):
 
     ``image`` is what ``transform`` returns (a normalised float tensor (3, S, S) for kvseg's
     pipelines), ``mask`` a uint8 tensor (1, S, S) in {0, 1} and ``index`` the position in ``samples``.
+
+    Masks are read through ``encoding``, the dataset's one mask encoding (:mod:`kvseg.masks`); pass
+    the encoding decided for the whole folder. None decides it from these samples' masks alone.
 
     With ``cache=True`` the decoded, resized uint8 arrays live in shared memory, allocated once in
     the process that builds the dataset: DataLoader workers fill it on first read and every worker,
@@ -40,7 +44,7 @@ class SegmentationDataset(Dataset):
         samples: Sequence[Sample],
         image_size: int,
         transform: Callable | None = None,
-        mask_threshold: int = 128,
+        encoding: MaskEncoding | None = None,
         cache: bool = False,
         seed: int = 0,
     ) -> None:
@@ -49,7 +53,7 @@ class SegmentationDataset(Dataset):
         self.samples = list(samples)
         self.image_size = image_size
         self.transform = transform
-        self.mask_threshold = mask_threshold
+        self.encoding = encoding or dataset_encoding(DataConfig(), [sample.mask for sample in self.samples])
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -74,7 +78,7 @@ class SegmentationDataset(Dataset):
             return self._cache[0][index].numpy(), self._cache[1][index].numpy()
         sample = self.samples[index]
         image = read_image(sample.image)
-        mask = read_mask(sample.mask, self.mask_threshold)
+        mask = read_mask(sample.mask, self.encoding)
         if image.shape[:2] != mask.shape[:2]:
             raise CorruptImageError(
                 f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
@@ -104,9 +108,12 @@ class SegmentationDataset(Dataset):
 
 def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], cache: bool | None = None,
                    ) -> dict[str, SegmentationDataset]:
-    """One dataset per named split: ``train`` with the random training pipeline, the others with the eval one."""
-    common = dict(image_size=cfg.data.image_size, mask_threshold=cfg.data.mask_threshold,
-                  cache=cfg.data.cache if cache is None else cache)
+    """One dataset per named split: ``train`` with the random training pipeline, the others with the eval one.
+
+    Masks are read with ``data.mask_encoding``; under ``auto`` it is decided here from every mask in ``samples``.
+    """
+    encoding = dataset_encoding(cfg.data, [sample.mask for sample in samples.values()])
+    common = dict(image_size=cfg.data.image_size, encoding=encoding, cache=cfg.data.cache if cache is None else cache)
     return {
         name: SegmentationDataset(
             [samples[i] for i in ids],

@@ -38,6 +38,18 @@ class CorruptImageError(DatasetError):
     """An image or mask file cannot be decoded (unreadable, truncated or not an image)."""
 
 
+class ImageTooLargeError(CorruptImageError):
+    """An image has more pixels than Pillow's decompression-bomb guard allows (``PIL.Image.MAX_IMAGE_PIXELS``)."""
+
+    def __init__(self, message: str, pixels: int = 0, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.pixels, self.limit = pixels, limit
+
+
+class MaskEncodingError(DatasetError):
+    """A mask's values fit no encoding, or not the one decided for its dataset."""
+
+
 class SplitError(DatasetError):
     """A split file names an id that is not in the dataset, or a split is empty."""
 

@@ -89,14 +89,27 @@ def plot_confusion_matrix(metrics: dict, path: str | Path) -> Path:
 
 
 def plot_pr_roc(metrics: dict, path: str | Path) -> Path:
-    """Precision-recall and ROC curves of the test pixels, AP and AUC in the legends."""
-    curves = metrics["curves"]
+    """Precision-recall and ROC curves of the test pixels, AP and AUC in the legends.
+
+    Where AP or AUC is undefined (a split without instrument or without background pixels) the
+    panel says so, with the reason from ``metrics["undefined"]``, instead of a curve.
+    """
+    curves = metrics.get("curves") or {}
     fig, (pr, roc) = plt.subplots(1, 2, figsize=(9, 4))
-    pr.plot(curves["recall"], curves["precision"], label=f"AP = {metrics['average_precision']:.4f}")
+    panels = ((pr, "average_precision", "AP", "recall", "precision"), (roc, "roc_auc", "AUC", "fpr", "tpr"))
+    for ax, key, label, x, y in panels:
+        value = metrics.get(key)
+        if value is not None and curves.get(x):
+            ax.plot(curves[x], curves[y], label=f"{label} = {value:.4f}")
+            ax.legend(loc="lower right" if ax is roc else "lower left")
+        else:  # undefined, or defined without curve points (a split without background pixels has no ROC)
+            reason = (metrics.get("undefined") or {}).get(key, "")
+            text = f"{label} undefined:\n{reason}" if value is None else f"{label} = {value:.4f}\n(no curve points stored)"
+            ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes,
+                    bbox={"facecolor": "white", "edgecolor": "grey"})
     pr.set_xlabel("recall")
     pr.set_ylabel("precision")
     pr.set_title("Precision-recall")
-    roc.plot(curves["fpr"], curves["tpr"], label=f"AUC = {metrics['roc_auc']:.4f}")
     roc.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
     roc.set_xlabel("false positive rate")
     roc.set_ylabel("true positive rate")
@@ -105,7 +118,6 @@ def plot_pr_roc(metrics: dict, path: str | Path) -> Path:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right" if ax is roc else "lower left")
     return _save(fig, path, dpi=120)
 
 

@@ -4,9 +4,13 @@
     python -m kvseg.predict --onnx model.onnx INPUTS... --out DIR
 
 INPUTS are image files or folders of them. For each image, ``<stem>_mask.png`` (0/255, at the
-image's original size) and ``<stem>_overlay.png`` are written to DIR. The ONNX path needs only
+image's shown size) and ``<stem>_overlay.png`` are written to DIR. The ONNX path needs only
 ONNX Runtime and the ``kvseg.*`` metadata inside the model file, no checkpoint. Unreadable inputs
 are listed and skipped; the command then ends with exit status 2, keeping everything it wrote.
+
+Images are read upright (their EXIF orientation applied), so a mask matches the image as viewers
+show it; hidden files in folders are left out; an image above Pillow's decompression-bomb limit is
+refused unless ``--max-pixels N`` allows it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from rich.progress import track
 
 from kvseg.augment import build_eval_transform
@@ -30,7 +35,7 @@ from kvseg.checkpoint import threshold_of
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
 from kvseg.data import IMAGE_EXTENSIONS, read_image, resize_image
-from kvseg.errors import CheckpointError, KvsegError
+from kvseg.errors import CheckpointError, ImageTooLargeError, KvsegError
 from kvseg.evaluate import LogitsFn, torch_logits
 from kvseg.onnx_model import read_metadata
 from kvseg.plots import overlay
@@ -87,7 +92,8 @@ def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     files, problems = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += sorted(p for p in path.iterdir()
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         elif path.is_file():
             files.append(path)
         else:
@@ -118,6 +124,8 @@ def predict_files(
             try:
                 images.append(read_image(path))
                 kept.append(path)
+            except ImageTooLargeError as exc:
+                problems.append(f"{exc}; to read it anyway, pass --max-pixels {exc.pixels or 'N'}")
             except KvsegError as exc:
                 problems.append(str(exc))
         if not kept:
@@ -145,8 +153,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for the masks and overlays")
     parser.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations/transposes")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-pixels", type=int, metavar="N",
+                        help=f"read images of up to N pixels (default {Image.MAX_IMAGE_PIXELS:,}, Pillow's "
+                             "decompression-bomb limit; 0: no limit)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
+    if args.max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = args.max_pixels or None
     predictor = torch_predictor(args.run) if args.run else onnx_predictor(args.onnx)
     files, problems = collect_inputs(args.inputs)
     written, unreadable = predict_files(predictor, files, Path(args.out), tta=args.tta, batch_size=args.batch_size)

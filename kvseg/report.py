@@ -215,8 +215,7 @@ def write_report(run_dir: str | Path, data_dir: str | None = None, train_images:
     written = [plot_metrics(test, run.path / "metrics.png"), plot_confusion_matrix(test, run.path / "confusion_matrix.png")]
     if history:
         written.append(plot_loss_curve(history, run.path / "loss_curve.png"))
-    if test.get("curves", {}).get("recall"):
-        written.append(plot_pr_roc(test, run.path / "pr_roc.png"))
+    written.append(plot_pr_roc(test, run.path / "pr_roc.png"))  # "undefined" and why, where a curve is missing
 
     iou_of = {row["id"]: row["iou"] for row in rows}
     test_index = {sample.id: i for i, sample in enumerate(test_set.samples)}

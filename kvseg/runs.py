@@ -33,6 +33,7 @@ from kvseg.data import Split, find_samples, resolve_split, write_split
 from kvseg.dataset import SegmentationDataset
 from kvseg.errors import CheckpointError
 from kvseg.evaluate import EvalResult
+from kvseg.masks import dataset_encoding
 from kvseg.model import UNet
 from kvseg.onnx_model import precision_path
 
@@ -238,7 +239,7 @@ def eval_datasets(cfg: Config, run: RunDir | None, data_dir: str | Path | None =
     split = run.split(cfg, root) if run is not None else resolve_split(
         root, samples, cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
     common = dict(image_size=cfg.data.image_size, transform=build_eval_transform(cfg.augment),
-                  mask_threshold=cfg.data.mask_threshold)
+                  encoding=dataset_encoding(cfg.data, [sample.mask for sample in samples.values()]))
     return {name: SegmentationDataset([samples[i] for i in ids], **common) for name, ids in split.items()}
 
 

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
+from kvseg.check import check_training_data
 from kvseg.checkpoint import load_model_checkpoint, set_threshold
 from kvseg.config import Config, config_to_yaml
 from kvseg.data import Split, find_samples, resolve_split
@@ -142,9 +143,11 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
         run = open_run(options.resume)
         resume_config(run, cfg)
         state, progress = run.load_progress()
+        check_training_data(cfg, accelerator)
         split = run.split(cfg)
     else:
         cfg.data.root = str(resolve_data_root(cfg.data, options.data_dir_given, accelerator))
+        check_training_data(cfg, accelerator)  # the folder summary; fixes data.mask_encoding before the config is saved
         split = resolve_split(cfg.data.root, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction,
                               cfg.data.val_fraction)
         run, state, progress = create_run(cfg.output_dir, cfg.run_name, accelerator), None, RunProgress()

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from kvseg.checkpoint import save_model_checkpoint
@@ -62,7 +63,7 @@ def disk_mask(h: int, w: int) -> np.ndarray:
 
 @pytest.fixture()
 def generic_root(tmp_path: Path) -> Path:
-    """Generic layout: mixed extensions and sizes, RGB / 0-1 / JPEG masks, no split files."""
+    """Generic layout: mixed extensions and sizes, grey / RGB / GIF / JPEG / red 0-255 masks, no split files."""
     root = tmp_path / "generic"
     rng = np.random.default_rng(0)
     shapes = {"a": (60, 80), "b": (100, 70), "c": (64, 64), "d": (90, 120), "e": (50, 50)}
@@ -72,7 +73,7 @@ def generic_root(tmp_path: Path) -> Path:
         write_image(root / "images" / f"{name}{ext}", image)
     write_image(root / "masks" / "a.png", disk_mask(60, 80) * 255)
     write_image(root / "masks" / "b.png", np.dstack([disk_mask(100, 70) * 255] * 3))  # RGB mask
-    write_image(root / "masks" / "c.png", disk_mask(64, 64))  # 0/1 mask
+    Image.fromarray(disk_mask(64, 64) * 255).save(root / "masks" / "c.gif")  # a palette of greys, as GIF writers make
     write_image(root / "masks" / "d.jpg", disk_mask(90, 120) * 255, (cv2.IMWRITE_JPEG_QUALITY, 60))  # grey edges
     red = np.zeros((50, 50, 3), np.uint8)
     red[..., 0] = disk_mask(50, 50) * 255  # a pure-red mask, as some tools save them

@@ -10,7 +10,6 @@ from conftest import disk_mask
 from kvseg.data import (
     find_samples,
     read_image,
-    read_mask,
     resolve_split,
     write_split,
 )
@@ -23,6 +22,7 @@ from kvseg.errors import (
     OrphanMaskError,
     SplitError,
 )
+from kvseg.masks import MaskEncoding, read_mask
 
 
 def test_reads_official_layout(synthetic_root: Path) -> None:
@@ -39,8 +39,10 @@ def test_reads_official_layout(synthetic_root: Path) -> None:
 def test_reads_generic_layout(generic_root: Path) -> None:
     samples = find_samples(generic_root)
     assert sorted(samples) == ["a", "b", "c", "d", "e"]
+    dataset = SegmentationDataset(list(samples.values()), image_size=32)
+    assert dataset.encoding.name == "binary-0-255"  # decided once, from all five masks
     for sample in samples.values():
-        mask = read_mask(sample.mask)
+        mask = read_mask(sample.mask, dataset.encoding)
         image = read_image(sample.image)
         assert mask.shape == image.shape[:2]
         assert set(np.unique(mask)) == {0, 1}
@@ -48,7 +50,6 @@ def test_reads_generic_layout(generic_root: Path) -> None:
         assert np.mean(mask != expected) < 0.01, sample.mask
     jpeg = cv2.imread(str(samples["d"].mask), cv2.IMREAD_GRAYSCALE)
     assert len(np.unique(jpeg)) > 2  # the JPEG mask really has grey values
-    dataset = SegmentationDataset(list(samples.values()), image_size=32)
     for i in range(len(dataset)):
         image, mask, index = dataset[i]
         assert image.shape == (32, 32, 3) and mask.shape == (1, 32, 32) and index == i
@@ -107,7 +108,7 @@ def test_truncated_and_garbage_images_name_the_file(dataset_copy: Path) -> None:
     garbage = dataset_copy / "masks" / "synth0005.png"
     garbage.write_bytes(b"not an image at all")
     with pytest.raises(CorruptImageError, match="synth0005.png"):
-        read_mask(garbage)
+        read_mask(garbage, MaskEncoding("binary-0-255"))
 
 
 def test_split_file_with_unknown_id(dataset_copy: Path) -> None:

@@ -2,8 +2,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.data import find_samples, read_image, read_mask, resolve_split
+from kvseg.data import find_samples, read_image, resolve_split
+from kvseg.masks import MaskEncoding, read_mask
 from kvseg.synthetic import write_synthetic_dataset
+
+BINARY = MaskEncoding("binary-0-255")  # the stand-in's PNG masks are 0/255
 
 
 def test_official_layout_and_determinism(tmp_path: Path) -> None:
@@ -24,7 +27,7 @@ def test_official_layout_and_determinism(tmp_path: Path) -> None:
 def test_masks_are_binary_and_instruments_visible(synthetic_root: Path) -> None:
     fractions = []
     for sample in find_samples(synthetic_root).values():
-        mask = read_mask(sample.mask)
+        mask = read_mask(sample.mask, BINARY)
         assert set(np.unique(mask)) <= {0, 1}
         fractions.append(mask.mean())
     fractions = np.array(fractions)
@@ -48,7 +51,7 @@ def test_not_separable_by_a_colour_threshold(synthetic_root: Path) -> None:
     samples = find_samples(synthetic_root)
     split = resolve_split(synthetic_root, samples, seed=0, test_fraction=0.2)
     images = np.stack([read_image(samples[i].image) for i in split.test + split.train])
-    masks = np.stack([read_mask(samples[i].mask) for i in split.test + split.train]).astype(bool)
+    masks = np.stack([read_mask(samples[i].mask, BINARY) for i in split.test + split.train]).astype(bool)
     # A trained U-Net reaches IoU > 0.8 on this data (tests/test_train_loop.py, README); one
     # threshold on one channel stays far below.
     assert best_threshold_iou(images, masks) < 0.45
