@@ -22,6 +22,8 @@ import torch
 
 from conftest import REPO
 from kvseg.augment import build_eval_transform
+from kvseg.backends import ort_cpu_backend
+from kvseg.bench_video import measure_video, video_markdown
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
 from kvseg.data import read_image
@@ -281,3 +283,29 @@ def test_memory_does_not_grow_with_the_length_of_the_video(onnx_run: Path, tmp_p
         growth[count] = measured["growth_kib"]
     held = 270 * 320 * 180 * 3 / 1024  # KiB that 270 more decoded frames would take
     assert growth[300] - growth[30] < held / 4, (growth, held)
+
+
+def test_benchmark_video_row(onnx_run: Path, frames: list[np.ndarray]) -> None:
+    _, cfg, _ = RunDir(onnx_run).load_model()
+    backend = ort_cpu_backend("ort-fp32", RunDir(onnx_run).onnx("fp32"))
+    video = measure_video({"ort-fp32": backend}, cfg, frames[:4], frames=12, size=(128, 72), log=lambda line: None)
+    row = video["rows"]["ort-fp32"]
+    assert row["frames"] == 12 and row["fps"] > 0 and row["error"] is None
+    assert row["real_time_factor_25"] == pytest.approx(row["fps"] / 25)
+    assert row["real_time_factor_30"] == pytest.approx(row["fps"] / 30)
+    assert row["limiting_stage"] in {"decode", "preprocess", "inference", "postprocess", "encode"}
+    assert len(row["load_average_before"]) == 3
+    table = "\n".join(video_markdown(video))
+    assert "| ort-fp32 |" in table and "128x72" in table
+
+
+@pytest.mark.slow
+def test_benchmark_command_adds_the_video_section(onnx_run: Path, tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(onnx_run, tmp_path / "run"))
+    result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--run", str(run_dir), "--backends", "ort-fp32",
+                             "--train-steps", "0", "--iters", "1", "--warmup", "0", "--batch-sizes", "1", "--video", "8"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "benchmark.json").read_text())
+    assert report["video"]["clip"]["width"] == 1280 and report["video"]["rows"]["ort-fp32"]["frames"] == 8
+    assert "## Video, end to end" in (run_dir / "benchmark.md").read_text()
