@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import queue
-import resource
 import signal
 import threading
 import time
@@ -119,9 +118,15 @@ class VideoResult:
 
     @property
     def limiting_stage(self) -> str:
-        """The busiest thread, which sets the pace: ``decode``, ``encode``, or the largest model stage."""
+        """The busiest thread, which sets the pace: ``decode``, ``encode``, or the largest model stage.
+
+        For a live source the decode thread's time includes waiting for the next frame: when it is
+        the busiest, the pace is the source's own (``source``).
+        """
         threads = self.thread_ms_per_frame()
         busiest = max(threads, key=threads.get)
+        if busiest == "decode" and self.live:
+            return "source"
         if busiest != "model":
             return busiest
         ms = self.ms_per_frame()
@@ -194,6 +199,21 @@ def _put_dropping_oldest(q: queue.Queue, item: object) -> int:
             with contextlib.suppress(queue.Empty):
                 q.get_nowait()
                 dropped += 1
+
+
+@contextlib.contextmanager
+def _torch_leaves_a_core() -> Iterator[None]:
+    """While inside, PyTorch's CPU threads number one fewer than the usable cores (at least one).
+
+    The decode and encode threads need a core; with all of them given to PyTorch's OpenMP threads,
+    those spun against the other two and inference took 6-7 times longer (README, "Segmenting video").
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(previous, usable_cores() - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -394,7 +414,8 @@ def segment_video(
 ) -> VideoResult:
     """Segment every frame of ``source``; write the overlay video (and masks) as they come.
 
-    Logs one line a second (frames, fps, ms per stage). A decoding error of the source ends the
+    Logs one line a second (frames, fps, ms per stage). PyTorch leaves a core to decoding and
+    encoding meanwhile (:func:`_torch_leaves_a_core`). A decoding error of the source ends the
     video there: the frames before it are finished and the overlay closed, playable, and the result
     has ``stopped == "error"`` and the one-line message. Ctrl-C ends it the same way (``"ctrl-c"``).
 
@@ -413,8 +434,8 @@ def segment_video(
     fractions: list[float] = []
     first_arrival: float | None = None
     stopped, error = "end", None
-    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
-    with _ctrl_c_sets(pipeline.interrupted):
+    cpu_start = time.process_time()  # all threads of the process
+    with _ctrl_c_sets(pipeline.interrupted), _torch_leaves_a_core():
         pipeline.reader.start()
         pipeline.encoder.start()
         try:
@@ -450,7 +471,6 @@ def segment_video(
             pipeline.finish()
             source.close()
     wall = time.perf_counter() - pipeline.started
-    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
     if pipeline.write_error is not None:
         raise pipeline.write_error if isinstance(pipeline.write_error, VideoError) else VideoError(
             f"{overlay_path}: cannot write ({pipeline.write_error})")
@@ -462,7 +482,7 @@ def segment_video(
     return VideoResult(
         source=info.name, live=info.live, width=info.width, height=info.height, source_fps=float(info.fps),
         declared_frames=info.frames, frames=pipeline.written, dropped=pipeline.dropped, wall_s=wall,
-        cpu_s=(cpu_end.ru_utime + cpu_end.ru_stime) - (cpu_start.ru_utime + cpu_start.ru_stime), stage_s=dict(seconds),
+        cpu_s=time.process_time() - cpu_start, stage_s=dict(seconds),
         latency_ms={"median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90)),
                     "max": float(latencies.max())},
         flicker=smoother.raw.value, flicker_smoothed=smoother.smoothed.value if options.smooth else None,

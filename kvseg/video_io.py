@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import av
 import av.error
@@ -31,7 +32,7 @@ from kvseg.errors import KvsegError
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
                     ".wmv", ".flv", ".3gp", ".ogv")
 FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}  # playable up to the last keyframe after a crash
-X264_OPTIONS = {"preset": "superfast", "crf": "23"}  # the fastest preset that still compresses well (README, "Video")
+X264_OPTIONS = {"preset": "ultrafast", "crf": "23"}  # the least CPU per frame: the model needs the cores (README)
 DEFAULT_FPS = Fraction(30)  # for a source that does not say
 
 
@@ -45,12 +46,14 @@ def is_video_input(text: str) -> bool:
 
 
 def output_stem(text: str) -> str:
-    """The name of a source's output files: the file's stem, ``camera0``, or the last part of a URL."""
+    """The name of a source's output files: the file's stem, ``camera0``, or a URL's last path part or host."""
     if text.isdigit():
         return f"camera{text}"
     if "://" in text:
-        last = text.split("://", 1)[1].rstrip("/").split("?")[0].rsplit("/", 1)[-1]
-        return re.sub(r"[^\w.-]", "_", Path(last).stem) or "stream"
+        url = urlsplit(text)
+        last = url.path.rstrip("/").rsplit("/", 1)[-1]
+        name = last.rsplit(".", 1)[0] if "." in last else last
+        return re.sub(r"[^\w.-]", "_", name or url.hostname or "") or "stream"
     return Path(text).stem
 
 
