@@ -133,6 +133,11 @@ class VideoResult:
         return max(THREADS["model"], key=ms.get)
 
     @property
+    def cpu_ms_per_frame(self) -> float:
+        """CPU milliseconds per frame, all threads together: the work a frame costs, whatever the load."""
+        return 1e3 * self.cpu_s / max(1, self.frames)
+
+    @property
     def cpu_utilisation(self) -> float:
         """CPU seconds over wall seconds times usable cores: near 1, every core was busy."""
         return self.cpu_s / (self.wall_s * usable_cores()) if self.wall_s > 0 else 0.0
@@ -142,7 +147,7 @@ class VideoResult:
         values["instrument_fraction"] = [round(f, 6) for f in self.instrument_fraction]
         values.update(processed_fps=self.processed_fps, ms_per_frame=self.ms_per_frame(),
                       thread_ms_per_frame=self.thread_ms_per_frame(), limiting_stage=self.limiting_stage,
-                      cpu_utilisation=self.cpu_utilisation)
+                      cpu_ms_per_frame=self.cpu_ms_per_frame, cpu_utilisation=self.cpu_utilisation)
         return values
 
     def line(self) -> str:
