@@ -193,7 +193,8 @@ class VideoWriter:
     plays. Odd frame sizes are written in 4:4:4 chroma, since 4:2:0 needs even sides.
     """
 
-    def __init__(self, path: str | Path, width: int, height: int, fps: Fraction) -> None:
+    def __init__(self, path: str | Path, width: int, height: int, fps: Fraction, x264: dict | None = None) -> None:
+        """``x264``: libx264 options over :data:`X264_OPTIONS`, e.g. ``{"preset": "veryfast"}``."""
         self.path = Path(path)
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         try:
@@ -204,7 +205,10 @@ class VideoWriter:
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
         keyframes = str(max(1, round(fps)))
-        self._stream.options = {**X264_OPTIONS, "g": keyframes} if codec == "libx264" else {"g": keyframes, "qscale": "3"}
+        if codec == "libx264":
+            self._stream.options = {**X264_OPTIONS, "g": keyframes, **(x264 or {})}
+        else:
+            self._stream.options = {"g": keyframes, "qscale": "3"}
         self._pts = -1
 
     def write(self, image: np.ndarray, pts: int | None = None) -> None:
