@@ -96,7 +96,8 @@ def video_markdown(video: dict) -> list[str]:
     clip = video["clip"]
     lines = ["", "## Video, end to end (decode -> segment -> overlay encode)", "",
              f"{clip['frames']} frames of {clip['width']}x{clip['height']} {clip['codec']} at {clip['fps']} fps, made "
-             f"from {clip['images']} test images; batch 1; the decode and encode threads run beside the model. "
+             f"from {clip['images']} test images; batch 1; the decode and encode threads run beside the model "
+             "(PyTorch on one core fewer than the machine has, leaving one to them). "
              "Stage times are ms per frame; a stage's time includes waiting for a core when every core is busy. "
              "CPU ms: all threads' CPU time per frame; CPU busy: CPU time over wall time and cores.", "",
              "| backend | fps | x 25 fps | x 30 fps | " + " | ".join(STAGES) + " | limited by | CPU ms | CPU busy | load avg |",
