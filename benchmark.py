@@ -3,6 +3,7 @@
     python benchmark.py                          # newest run under runs/, every backend that loads here
     python benchmark.py --run runs/NAME --batch-sizes 1,8 --iters 50 --warmup 10
     python benchmark.py --backends torch-fp32,ort-fp32,ort-int8 --train-steps 0 --json bench.json
+    python benchmark.py --run runs/NAME --backends ort-fp32,ort-int8 --train-steps 0 --video   # + 720p video row
 
 Exports the run's ONNX models first when they are missing. Prints the tables and writes
 RUN_DIR/benchmark.json and RUN_DIR/benchmark.md (plus --json / --markdown copies).
@@ -55,6 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20, help="timed calls per backend and batch size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     parser.add_argument("--train-steps", type=int, default=20, help="timed training steps per loop (0: skip)")
+    parser.add_argument("--video", type=int, nargs="?", const=250, default=0, metavar="FRAMES",
+                        help="add the end-to-end video row: a 720p clip of FRAMES frames (default 250) per backend")
     parser.add_argument("--data-dir", help="dataset folder, when it moved since training")
     parser.add_argument("--json", help="also write the JSON report here")
     parser.add_argument("--markdown", help="also write the Markdown report here")
@@ -64,8 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.iters < 1 or args.warmup < 0 or args.train_steps < 0:
-        raise KvsegError("--iters must be at least 1, --warmup and --train-steps at least 0")
+    if args.iters < 1 or args.warmup < 0 or args.train_steps < 0 or args.video < 0:
+        raise KvsegError("--iters must be at least 1, --warmup, --train-steps and --video at least 0")
     console = Console()
     run = RunDir(args.run) if args.run else latest_run(args.runs_dir)
     model_precision = {"ort-fp32": "fp32", "ort-cuda-fp32": "fp32", "ort-tensorrt": "fp32", "ort-int8": "int8",
@@ -77,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         export_run(run.best, run.onnx("fp32"), run_dir=run.path, precisions=tuple(sorted(needed)),
                    data_dir=args.data_dir, log=console.print)
     report = benchmark_run(run, args.backends, args.batch_sizes, args.iters, args.warmup, args.train_steps,
-                           data_dir=args.data_dir, log=lambda line: console.print(f"[dim]{line}[/dim]"))
+                           data_dir=args.data_dir, log=lambda line: console.print(f"[dim]{line}[/dim]"),
+                           video_frames=args.video)
     markdown = to_markdown(report)
     console.print(Markdown(markdown))
     for json_path in [run.benchmark_json, *([Path(args.json)] if args.json else [])]:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from kvseg.backends import Backend, Skipped, build_backend
 from kvseg.bench_training import history_summary, measure_training
+from kvseg.bench_video import measure_run_video
 from kvseg.checkpoint import threshold_of
 from kvseg.evaluate import LogitsFn, evaluate
 from kvseg.runs import RunDir
@@ -101,8 +102,12 @@ def benchmark_run(
     train_steps: int,
     data_dir: str | None = None,
     log: Callable[[str], None] = print,
+    video_frames: int = 0,
 ) -> dict:
-    """Latency, parity and training speed for ``run``; returns the report dict (see the README)."""
+    """Latency, parity and training speed for ``run``; returns the report dict (see the README).
+
+    With ``video_frames``, also the end-to-end video row (:mod:`kvseg.bench_video`).
+    """
     model, cfg, payload = run.load_model()
     datasets = run.eval_datasets(cfg, data_dir)
     report: dict = {"run": str(run), "machine": describe_machine(), "model": asdict(cfg.model),
@@ -130,4 +135,6 @@ def benchmark_run(
         report["training"] = measure_training(cfg, datasets["train"], train_steps, warmup=3)
         log("timed training")
     report["training_history"] = history_summary(run.history)
+    if video_frames > 0:
+        report["video"] = measure_run_video(loaded, cfg, datasets["test"], video_frames, threshold_of(payload), log)
     return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kvseg.bench_video import video_markdown
+
 
 def to_markdown(report: dict) -> str:
     """The report as Markdown tables, with the machine it came from."""
@@ -63,4 +65,6 @@ def to_markdown(report: dict) -> str:
             f"images/s, {history['median_epoch_s']:.1f} s per epoch; projected {history['projected_epoch_s']:.1f} s "
             f"per 472-image epoch ({history['speedup_vs_study']:.1f}x the study)."
         )
+    if report.get("video"):
+        lines += video_markdown(report["video"])
     return "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
-"""Segment your own images with a trained run or an exported ONNX model.
+"""Segment your own images and videos with a trained run or an exported ONNX model.
 
     python -m kvseg.predict --run RUN_DIR INPUTS... --out DIR [--tta] [--batch-size 8]
     python -m kvseg.predict --onnx model.onnx INPUTS... --out DIR
+    python -m kvseg.predict --onnx model_int8.onnx procedure.mp4 --out DIR [--save-masks] [--smooth 0.5]
 
 INPUTS are image files or folders of them. For each image, ``<stem>_mask.png`` (0/255, at the
 image's shown size) and ``<stem>_overlay.png`` are written to DIR. The ONNX path needs only
@@ -11,6 +12,7 @@ are listed and skipped; the command then ends with exit status 2, keeping everyt
 Images are read upright (their EXIF orientation applied), so a mask matches the image as viewers
 show it; hidden files in folders are left out; an image above Pillow's decompression-bomb limit is
 refused unless ``--max-pixels N`` allows it.
+Video files, camera numbers and stream URLs are segmented frame by frame (:mod:`kvseg.video`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from kvseg.onnx_model import read_metadata
 from kvseg.plots import overlay
 from kvseg.runs import RunDir
 from kvseg.tta import ALL_TRANSFORMS, with_tta
+from kvseg.video import add_video_arguments, predict_videos, split_inputs, video_options
 
 
 @dataclass
@@ -62,6 +65,10 @@ class Predictor:
         logits_fn = with_tta(self.logits, ALL_TRANSFORMS) if tta else self.logits
         logits = logits_fn(torch.stack([self.prepare(image) for image in images]))
         return torch.sigmoid(logits.float())[:, 0].numpy()
+
+    def mask_at(self, probability: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Boolean (height, width) mask of one (S, S) probability map: resized linearly, then thresholded."""
+        return cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR) > self.threshold
 
 
 def torch_predictor(run_dir: str | Path) -> Predictor:
@@ -132,7 +139,7 @@ def predict_files(
             continue
         for path, image, probability in zip(kept, images, predictor.probabilities(images, tta)):
             height, width = image.shape[:2]
-            mask = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR) > predictor.threshold
+            mask = predictor.mask_at(probability, height, width)
             name = path.stem
             while name in used_names:
                 name += "_"
@@ -149,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run folder: uses its best checkpoint")
     source.add_argument("--onnx", help="a model written by export.py (needs no checkpoint)")
-    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    parser.add_argument("inputs", nargs="+", help="image files or folders; video files, camera numbers, stream URLs")
     parser.add_argument("--out", required=True, help="folder for the masks and overlays")
     parser.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations/transposes")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -157,16 +164,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help=f"read images of up to N pixels (default {Image.MAX_IMAGE_PIXELS:,}, Pillow's "
                              "decompression-bomb limit; 0: no limit)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    add_video_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_pixels is not None:
         Image.MAX_IMAGE_PIXELS = args.max_pixels or None
+    videos, args.inputs = split_inputs(args.inputs)
+    options = video_options(args)
     predictor = torch_predictor(args.run) if args.run else onnx_predictor(args.onnx)
     files, problems = collect_inputs(args.inputs)
     written, unreadable = predict_files(predictor, files, Path(args.out), tta=args.tta, batch_size=args.batch_size)
-    print(f"wrote {len(written)} files for {len(written) // 2} image(s) to {args.out}")
+    if files or not videos:
+        print(f"wrote {len(written)} files for {len(written) // 2} image(s) to {args.out}")
     problems += unreadable
-    if problems:
-        raise KvsegError(f"{len(problems)} input(s) skipped: " + "; ".join(problems))
+    messages = [f"{len(problems)} input(s) skipped: " + "; ".join(problems)] if problems else []
+    messages += predict_videos(predictor, videos, Path(args.out), options, model=args.onnx or args.run)
+    if messages:
+        raise KvsegError("; ".join(messages))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,564 @@
+"""Segmenting video: a recorded procedure, a camera or a stream, frame by frame in bounded memory.
+
+    python -m kvseg.predict --onnx RUN/model_int8.onnx procedure.mp4 --out out/ [--save-masks] [--smooth 0.5]
+    python -m kvseg.predict --run RUN 0 --out out/                 # camera 0, until Ctrl-C
+
+For ``procedure.mp4`` it writes ``out/procedure_overlay.mp4`` (same size, rate and frame count,
+instrument pixels tinted), ``out/procedure.json`` (:class:`VideoResult`) and, with ``--save-masks``,
+``out/procedure_masks/frame_000000.png`` ... (0/255, at the video's size).
+
+Three threads joined by short bounded queues: the reader decodes, the main thread prepares, infers
+and post-processes batches, the writer encodes. Each queue holds a few frames, so memory does not
+grow with the length of the video, and the slowest stage sets the pace. Every frame goes through
+:meth:`kvseg.predict.Predictor.prepare` and :meth:`~kvseg.predict.Predictor.mask_at`, as still
+images do, so a frame gives the mask that ``predict`` gives for the same picture. A live source
+(camera, stream without a length) that outruns the model has its oldest waiting frame dropped, so the
+overlay stays current; the overlay keeps the frames' arrival times. Ctrl-C ends a source cleanly:
+queued frames are finished and the files closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import torch
+
+from kvseg.checkpoint import write_json_atomic
+from kvseg.plots import overlay
+from kvseg.runtime import usable_cores
+from kvseg.tta import ALL_TRANSFORMS, with_tta
+from kvseg.video_io import (
+    VideoError,
+    VideoInfo,
+    VideoSource,
+    VideoWriter,
+    is_video_input,
+    open_source,
+    output_stem,
+    write_mask_png,
+)
+
+if TYPE_CHECKING:
+    from kvseg.predict import Predictor
+
+STAGES = ("decode", "preprocess", "inference", "postprocess", "encode")
+THREADS = {"decode": ("decode",), "model": ("preprocess", "inference", "postprocess"), "encode": ("encode",)}
+QUEUE_FRAMES = 4  # frames waiting between two threads, besides a batch
+_END = object()
+
+
+@dataclass
+class VideoOptions:
+    """How videos are segmented; the command line's video flags (:func:`add_video_arguments`)."""
+
+    batch_size: int = 1  # frames per model call: 1 for the lowest latency
+    smooth: float = 0.0  # weight of the past in an exponential moving average of the probabilities; 0 = off
+    tta: bool = False
+    save_masks: bool = False
+    caption: bool = False  # processing fps and latency in the overlay's corner
+    max_frames: int | None = None  # stop after this many frames
+
+
+@dataclass
+class VideoResult:
+    """One segmented video, as ``<stem>.json`` holds it.
+
+    Stage times are the seconds each stage was busy, summed over frames; decode and encode run in
+    threads of their own, the model stages in the main thread, so the stages overlap and the
+    processed fps is set by the busiest thread. With fewer cores than busy threads, a stage's time
+    includes waiting for a core (``cpu_utilisation`` near 1 says so). Flicker is the mean fraction
+    of mask pixels that change between consecutive frames, at the model's resolution, before and
+    after smoothing.
+    """
+
+    source: str
+    live: bool
+    width: int
+    height: int
+    source_fps: float
+    declared_frames: int | None
+    frames: int  # segmented and written
+    dropped: int  # live frames skipped because the model was behind
+    wall_s: float
+    cpu_s: float
+    stage_s: dict[str, float]
+    latency_ms: dict[str, float]  # decoded -> encoded, waits in the queues included: median, p90, max
+    flicker: float | None
+    flicker_smoothed: float | None
+    instrument_fraction: list[float]
+    stopped: str  # "end", "ctrl-c", "max-frames" or "error"
+    error: str | None
+    overlay: str
+    masks: str | None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def processed_fps(self) -> float:
+        return self.frames / self.wall_s if self.wall_s > 0 else 0.0
+
+    def ms_per_frame(self) -> dict[str, float]:
+        """Milliseconds per frame of each stage."""
+        return {stage: 1e3 * seconds / max(1, self.frames) for stage, seconds in self.stage_s.items()}
+
+    def thread_ms_per_frame(self) -> dict[str, float]:
+        """Milliseconds per frame of each thread: decode, model (preprocess + inference + postprocess), encode."""
+        ms = self.ms_per_frame()
+        return {thread: sum(ms[stage] for stage in stages) for thread, stages in THREADS.items()}
+
+    @property
+    def limiting_stage(self) -> str:
+        """The busiest thread, which sets the pace: ``decode``, ``encode``, or the largest model stage.
+
+        For a live source the decode thread's time includes waiting for the next frame: when it is
+        the busiest, the pace is the source's own (``source``).
+        """
+        threads = self.thread_ms_per_frame()
+        busiest = max(threads, key=threads.get)
+        if busiest == "decode" and self.live:
+            return "source"
+        if busiest != "model":
+            return busiest
+        ms = self.ms_per_frame()
+        return max(THREADS["model"], key=ms.get)
+
+    @property
+    def cpu_ms_per_frame(self) -> float:
+        """CPU milliseconds per frame, all threads together: the work a frame costs, whatever the load."""
+        return 1e3 * self.cpu_s / max(1, self.frames)
+
+    @property
+    def cpu_utilisation(self) -> float:
+        """CPU seconds over wall seconds times usable cores: near 1, every core was busy."""
+        return self.cpu_s / (self.wall_s * usable_cores()) if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        values = asdict(self)
+        values["instrument_fraction"] = [round(f, 6) for f in self.instrument_fraction]
+        values.update(processed_fps=self.processed_fps, ms_per_frame=self.ms_per_frame(),
+                      thread_ms_per_frame=self.thread_ms_per_frame(), limiting_stage=self.limiting_stage,
+                      cpu_ms_per_frame=self.cpu_ms_per_frame, cpu_utilisation=self.cpu_utilisation)
+        return values
+
+    def line(self) -> str:
+        """One summary line: frames, fps, per-stage ms, flicker."""
+        ms = self.ms_per_frame()
+        flicker = f", flicker {self.flicker:.4f}" if self.flicker is not None else ""
+        if self.flicker_smoothed is not None:
+            flicker += f" -> {self.flicker_smoothed:.4f} smoothed"
+        dropped = f" ({self.dropped} dropped)" if self.dropped else ""
+        return (f"{self.source}: {self.frames} frames{dropped} in {self.wall_s:.1f} s, {self.processed_fps:.1f} fps "
+                f"(source {self.source_fps:.2f} fps); ms/frame " + ", ".join(f"{s} {ms[s]:.1f}" for s in STAGES)
+                + f"; limited by {self.limiting_stage}{flicker}")
+
+
+@dataclass
+class _Decoded:
+    index: int
+    image: np.ndarray  # RGB uint8 (H, W, 3)
+    arrived: float  # perf_counter when decoding finished
+
+
+@dataclass
+class _Segmented:
+    index: int
+    overlay: np.ndarray
+    mask: np.ndarray | None
+    arrived: float
+    pts: int
+
+
+class _Stopped(Exception):
+    """The pipeline is stopping; a blocked put gives up."""
+
+
+def _put(q: queue.Queue, item: object, stop: threading.Event) -> None:
+    """``q.put(item)``, giving up with :class:`_Stopped` once ``stop`` is set (the consumer may be gone)."""
+    while True:
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if stop.is_set():
+                raise _Stopped from None
+
+
+def _put_dropping_oldest(q: queue.Queue, item: object) -> int:
+    """Put without waiting, dropping the oldest waiting frame when full; returns the frames dropped."""
+    dropped = 0
+    while True:
+        try:
+            q.put_nowait(item)
+            return dropped
+        except queue.Full:
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+                dropped += 1
+
+
+@contextlib.contextmanager
+def _torch_leaves_a_core() -> Iterator[None]:
+    """While inside, PyTorch's CPU threads number one fewer than the usable cores (at least one).
+
+    The decode and encode threads need a core; with all of them given to PyTorch's OpenMP threads,
+    those spun against the other two and inference took 6-7 times longer (README, "Segmenting video").
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(previous, usable_cores() - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(event: threading.Event) -> Iterator[None]:
+    """While inside, the first Ctrl-C sets ``event`` instead of raising; a second one interrupts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: object) -> None:
+        event.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Pipeline:
+    """The reader and writer threads around the main thread's model loop, and what they measured."""
+
+    def __init__(self, source: VideoSource, writer: VideoWriter, masks_dir: Path | None, options: VideoOptions) -> None:
+        self.source, self.writer, self.masks_dir, self.options = source, writer, masks_dir, options
+        self.frames = queue.Queue(maxsize=QUEUE_FRAMES + options.batch_size)
+        self.segmented = queue.Queue(maxsize=QUEUE_FRAMES)
+        self.stop = threading.Event()  # stop reading: the end, Ctrl-C, an error, max_frames
+        self.interrupted = threading.Event()
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.dropped = 0
+        self.latencies: list[float] = []
+        self.written = 0
+        self.write_error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.reader = threading.Thread(target=self._read, name="kvseg-decode", daemon=True)
+        self.encoder = threading.Thread(target=self._write, name="kvseg-encode", daemon=True)
+
+    def _read(self) -> None:
+        live = self.source.info.live
+        limit = self.options.max_frames
+        item: object = _END
+        try:
+            start = time.perf_counter()
+            for index, image in enumerate(self.source):
+                arrived = time.perf_counter()
+                self.seconds["decode"] += arrived - start
+                decoded = _Decoded(index, image, arrived)
+                if live:
+                    self.dropped += _put_dropping_oldest(self.frames, decoded)
+                else:
+                    _put(self.frames, decoded, self.stop)
+                if self.stop.is_set() or self.interrupted.is_set() or (limit is not None and index + 1 >= limit):
+                    break
+                start = time.perf_counter()
+        except _Stopped:
+            return
+        except Exception as exc:  # VideoError, or a bug: the main thread reports it
+            item = exc
+        with contextlib.suppress(_Stopped):
+            _put(self.frames, item, self.stop)
+
+    def _write(self) -> None:
+        try:
+            while (item := self.segmented.get()) is not _END:
+                start = time.perf_counter()
+                self.writer.write(item.overlay, item.pts)
+                if item.mask is not None:
+                    write_mask_png(self.masks_dir / f"frame_{item.index:06d}.png", item.mask)
+                done = time.perf_counter()
+                self.seconds["encode"] += done - start
+                self.latencies.append(1e3 * (done - item.arrived))
+                self.written += 1
+        except BaseException as exc:  # a full disk: stop reading, report it
+            self.write_error = exc
+            self.stop.set()
+            while self.segmented.get() is not _END:
+                pass
+        finally:
+            try:
+                self.writer.close()
+            except Exception as exc:
+                self.write_error = self.write_error or exc
+
+    def batches(self) -> Iterator[list[_Decoded]]:
+        """Batches of decoded frames until the source ends; raises what the reader raised."""
+        batch: list[_Decoded] = []
+        while True:
+            item = self.frames.get()
+            if isinstance(item, _Decoded):
+                batch.append(item)
+                if len(batch) == self.options.batch_size:
+                    yield batch
+                    batch = []
+                continue
+            if batch:
+                yield batch
+            if isinstance(item, BaseException):
+                raise item
+            return
+
+    def emit(self, segmented: _Segmented) -> None:
+        _put(self.segmented, segmented, self.stop)
+
+    def finish(self) -> None:
+        """Stop reading, let the writer drain and close the file."""
+        self.stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.frames.get_nowait()  # unblock the reader
+        self.reader.join()
+        while self.encoder.is_alive():
+            with contextlib.suppress(queue.Full):
+                self.segmented.put(_END, timeout=0.1)
+                break
+        self.encoder.join()
+
+
+class _Flicker:
+    """Mean fraction of pixels that change between consecutive masks."""
+
+    def __init__(self) -> None:
+        self.previous: np.ndarray | None = None
+        self.total, self.count = 0.0, 0
+
+    def add(self, mask: np.ndarray) -> None:
+        if self.previous is not None:
+            self.total += float(np.mean(mask != self.previous))
+            self.count += 1
+        self.previous = mask
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+class _Smoother:
+    """Exponential moving average of probability maps, ``weight`` on the past (0: off), and the flicker
+    of the thresholded maps before and after it."""
+
+    def __init__(self, weight: float, threshold: float) -> None:
+        self.weight, self.threshold = weight, threshold
+        self.average: np.ndarray | None = None
+        self.raw, self.smoothed = _Flicker(), _Flicker()
+
+    def __call__(self, probability: np.ndarray) -> np.ndarray:
+        self.raw.add(probability > self.threshold)
+        if not self.weight:
+            return probability
+        if self.average is None:
+            self.average = probability
+        else:
+            self.average = self.weight * self.average + (1 - self.weight) * probability
+        self.smoothed.add(self.average > self.threshold)
+        return self.average
+
+
+class _Meter:
+    """Frames per second over the current second; one log line a second."""
+
+    def __init__(self, info: VideoInfo, seconds: dict[str, float], log: Callable[[str], None]) -> None:
+        self.info, self.seconds, self.log = info, seconds, log
+        self.since, self.frames_then, self.frames = time.perf_counter(), 0, 0
+
+    def fps(self, now: float) -> float:
+        return (self.frames - self.frames_then) / max(now - self.since, 1e-6)
+
+    def count(self) -> None:
+        self.frames += 1
+        now = time.perf_counter()
+        if now - self.since >= 1.0:
+            ms = {stage: 1e3 * self.seconds[stage] / self.frames for stage in STAGES}
+            of = f"/{self.info.frames}" if self.info.frames else ""
+            self.log(f"{self.info.name}: frame {self.frames}{of}, {self.fps(now):.1f} fps; ms/frame "
+                     + ", ".join(f"{stage} {ms[stage]:.1f}" for stage in STAGES))
+            self.since, self.frames_then = now, self.frames
+
+
+def _caption(image: np.ndarray, text: str) -> None:
+    """White text on a dark box in the top-left corner, scaled to the frame height."""
+    scale = max(0.35, image.shape[0] / 1200)
+    thickness = max(1, round(2 * scale))
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    margin = max(2, round(6 * scale))
+    cv2.rectangle(image, (0, 0), (width + 2 * margin, height + baseline + 2 * margin), (0, 0, 0), cv2.FILLED)
+    cv2.putText(image, text, (margin, height + margin), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness,
+                cv2.LINE_AA)
+
+
+def segment_video(
+    predictor: Predictor,
+    source: VideoSource,
+    overlay_path: Path,
+    masks_dir: Path | None = None,
+    options: VideoOptions | None = None,
+    log: Callable[[str], None] = print,
+) -> VideoResult:
+    """Segment every frame of ``source``; write the overlay video (and masks) as they come.
+
+    Logs one line a second (frames, fps, ms per stage). PyTorch leaves a core to decoding and
+    encoding meanwhile (:func:`_torch_leaves_a_core`). A decoding error of the source ends the
+    video there: the frames before it are finished and the overlay closed, playable, and the result
+    has ``stopped == "error"`` and the one-line message. Ctrl-C ends it the same way (``"ctrl-c"``).
+
+    Raises:
+        VideoError: the overlay or a mask cannot be written.
+    """
+    options = options or VideoOptions()
+    info = source.info
+    if masks_dir is not None:
+        masks_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = _Pipeline(source, VideoWriter(overlay_path, info.width, info.height, info.fps), masks_dir, options)
+    logits_fn = with_tta(predictor.logits, ALL_TRANSFORMS) if options.tta else predictor.logits
+    smoother = _Smoother(options.smooth, predictor.threshold)
+    seconds = pipeline.seconds
+    meter = _Meter(info, seconds, log)
+    fractions: list[float] = []
+    first_arrival: float | None = None
+    stopped, error = "end", None
+    cpu_start = time.process_time()  # all threads of the process
+    with _ctrl_c_sets(pipeline.interrupted), _torch_leaves_a_core():
+        pipeline.reader.start()
+        pipeline.encoder.start()
+        try:
+            for batch in pipeline.batches():
+                start = time.perf_counter()
+                prepared = torch.stack([predictor.prepare(frame.image) for frame in batch])  # (B, 3, S, S)
+                prepared_at = time.perf_counter()
+                probabilities = torch.sigmoid(logits_fn(prepared).float())[:, 0].numpy()  # (B, S, S)
+                inferred_at = time.perf_counter()
+                seconds["preprocess"] += prepared_at - start
+                seconds["inference"] += inferred_at - prepared_at
+                for frame, probability in zip(batch, probabilities):
+                    begin = time.perf_counter()
+                    height, width = frame.image.shape[:2]
+                    mask = predictor.mask_at(smoother(probability), height, width)  # (H, W) bool
+                    fractions.append(float(mask.mean()))
+                    tinted = overlay(frame.image, None, mask)
+                    if options.caption:
+                        now = time.perf_counter()
+                        _caption(tinted, f"kvseg {meter.fps(now):.1f} fps, {1e3 * (now - frame.arrived):.0f} ms")
+                    first_arrival = frame.arrived if first_arrival is None else first_arrival
+                    pts = round((frame.arrived - first_arrival) * info.fps) if info.live else frame.index
+                    seconds["postprocess"] += time.perf_counter() - begin
+                    pipeline.emit(_Segmented(frame.index, tinted, mask if masks_dir else None, frame.arrived, pts))
+                    meter.count()
+                if pipeline.write_error is not None:
+                    break
+        except VideoError as exc:
+            stopped, error = "error", str(exc)
+        except _Stopped:
+            pass
+        finally:
+            pipeline.finish()
+            source.close()
+    wall = time.perf_counter() - pipeline.started
+    if pipeline.write_error is not None:
+        raise pipeline.write_error if isinstance(pipeline.write_error, VideoError) else VideoError(
+            f"{overlay_path}: cannot write ({pipeline.write_error})")
+    if stopped == "end" and pipeline.interrupted.is_set():
+        stopped = "ctrl-c"
+    elif stopped == "end" and options.max_frames is not None and pipeline.written >= options.max_frames:
+        stopped = "max-frames"
+    latencies = np.array(pipeline.latencies or [0.0])
+    return VideoResult(
+        source=info.name, live=info.live, width=info.width, height=info.height, source_fps=float(info.fps),
+        declared_frames=info.frames, frames=pipeline.written, dropped=pipeline.dropped, wall_s=wall,
+        cpu_s=time.process_time() - cpu_start, stage_s=dict(seconds),
+        latency_ms={"median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90)),
+                    "max": float(latencies.max())},
+        flicker=smoother.raw.value, flicker_smoothed=smoother.smoothed.value if options.smooth else None,
+        instrument_fraction=fractions[:pipeline.written], stopped=stopped, error=error, overlay=str(overlay_path),
+        masks=str(masks_dir) if masks_dir is not None else None, options=asdict(options),
+    )
+
+
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of video inputs, for ``python -m kvseg.predict``."""
+    group = parser.add_argument_group("video inputs (files, camera numbers, stream URLs)")
+    group.add_argument("--save-masks", action="store_true", help="also write STEM_masks/frame_NNNNNN.png (0/255)")
+    group.add_argument("--smooth", type=float, default=0.0, metavar="A",
+                       help="average the probabilities over frames: A * previous + (1 - A) * new (0: off, e.g. 0.5)")
+    group.add_argument("--video-batch-size", type=int, default=1, metavar="N", help="frames per model call (default 1)")
+    group.add_argument("--caption", action="store_true", help="write the processing fps and latency into the overlay")
+    group.add_argument("--max-frames", type=int, metavar="N", help="stop each video after N frames")
+
+
+def video_options(args: argparse.Namespace) -> VideoOptions:
+    """The :class:`VideoOptions` of parsed command-line flags.
+
+    Raises:
+        VideoError: a flag out of range.
+    """
+    if not 0 <= args.smooth < 1:
+        raise VideoError(f"--smooth is {args.smooth}; expected 0 (off) up to but not including 1")
+    if args.video_batch_size < 1 or (args.max_frames is not None and args.max_frames < 1):
+        raise VideoError("--video-batch-size and --max-frames must be at least 1")
+    return VideoOptions(batch_size=args.video_batch_size, smooth=args.smooth, tta=args.tta,
+                        save_masks=args.save_masks, caption=args.caption, max_frames=args.max_frames)
+
+
+def split_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Video inputs (files with a video extension, camera numbers, URLs) and the rest (images, folders)."""
+    videos = [text for text in inputs if is_video_input(text)]
+    return videos, [text for text in inputs if not is_video_input(text)]
+
+
+def predict_videos(
+    predictor: Predictor, inputs: Sequence[str], out_dir: Path, options: VideoOptions, model: str,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Segment each video input into ``out_dir``; returns the one-line problems (unreadable, truncated).
+
+    Ctrl-C ends the current video cleanly and skips the remaining ones. It is how a live source
+    ends; a file cut short by it is reported as a problem, naming the frame.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    used: set[str] = set()
+    for text in inputs:
+        try:
+            source = open_source(text)
+        except VideoError as exc:
+            problems.append(str(exc))
+            continue
+        stem = output_stem(text)
+        while stem in used:
+            stem += "_"
+        used.add(stem)
+        masks_dir = out_dir / f"{stem}_masks" if options.save_masks else None
+        result = segment_video(predictor, source, out_dir / f"{stem}_overlay.mp4", masks_dir, options, log)
+        write_json_atomic(out_dir / f"{stem}.json", {"model": model, **result.to_json()})
+        log(result.line())
+        if result.error:
+            problems.append(f"{result.error}; the {result.frames} frames before it are in {result.overlay}")
+        if result.stopped == "ctrl-c":
+            log(f"stopped by Ctrl-C after {result.frames} frames of {text}; its files are closed and playable")
+            if not result.live:
+                problems.append(f"{text}: frame {result.frames}: stopped by Ctrl-C; the {result.frames} frames before "
+                                f"it are in {result.overlay}")
+            break
+    return problems
