@@ -1,6 +1,7 @@
 """Benchmark a trained kvseg run: PyTorch vs ONNX Runtime latency, IoU parity, training speed.
 
     python benchmark.py                          # newest run under runs/, every backend that loads here
+    python benchmark.py --full                   # the long form: more timed calls and steps
     python benchmark.py --run runs/NAME --batch-sizes 1,8 --iters 50 --warmup 10
     python benchmark.py --backends torch-fp32,ort-fp32,ort-int8 --train-steps 0 --json bench.json
     python benchmark.py --run runs/NAME --backends ort-fp32,ort-int8 --train-steps 0 --video   # + 720p video row
@@ -11,9 +12,15 @@ RUN_DIR/benchmark.json and RUN_DIR/benchmark.md (plus --json / --markdown copies
 
 from __future__ import annotations
 
+from kvseg.allocator import reexec_with_allocator
+
+if __name__ == "__main__":
+    reexec_with_allocator()  # first, before torch loads: an allocator is chosen when a process starts
+
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +29,7 @@ from rich.markdown import Markdown
 from kvseg.backends import BACKENDS
 from kvseg.bench import benchmark_run
 from kvseg.bench_report import to_markdown
+from kvseg.bench_training import DEFAULT, FULL, Budget
 from kvseg.checkpoint import write_json_atomic
 from kvseg.cli import run_cli
 from kvseg.errors import KvsegError
@@ -53,9 +61,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--backends", type=_backends, default=list(BACKENDS), help=f"subset of {','.join(BACKENDS)}")
     parser.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma-separated (default 1,8)")
-    parser.add_argument("--iters", type=int, default=20, help="timed calls per backend and batch size")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first")
-    parser.add_argument("--train-steps", type=int, default=20, help="timed training steps per loop (0: skip)")
+    parser.add_argument("--full", action="store_true",
+                        help="the long form: about four times the timed calls and steps, a whole warm-up epoch")
+    parser.add_argument("--iters", type=int, help="timed calls per backend and batch size (default: sized to the latency)")
+    parser.add_argument("--warmup", type=int, help="untimed calls and training steps first (default 3; --full 5)")
+    parser.add_argument("--train-steps", type=int,
+                        help="timed training steps per loop (default: sized to about 15 s; --full 60 s); 0: skip training")
     parser.add_argument("--video", type=int, nargs="?", const=250, default=0, metavar="FRAMES",
                         help="add the end-to-end video row: a 720p clip of FRAMES frames (default 250) per backend")
     parser.add_argument("--data-dir", help="dataset folder, when it moved since training")
@@ -65,21 +76,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def budget_of(args: argparse.Namespace) -> Budget:
+    """The measurement budget: the default or ``--full``, with ``--iters``, ``--warmup`` and ``--train-steps`` exact."""
+    budget = FULL if args.full else DEFAULT
+    if args.iters is not None:
+        budget = replace(budget, min_iters=args.iters, max_iters=args.iters)
+    if args.warmup is not None:
+        budget = replace(budget, warmup_steps=args.warmup)
+    if args.train_steps:
+        budget = replace(budget, train_seconds=0.0, min_steps=args.train_steps,
+                         phase_steps=min(budget.phase_steps, args.train_steps),
+                         profile_steps=min(budget.profile_steps, args.train_steps))
+    return budget
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.iters < 1 or args.warmup < 0 or args.train_steps < 0 or args.video < 0:
+    if (args.iters is not None and args.iters < 1) or min(args.warmup or 0, args.train_steps or 0, args.video) < 0:
         raise KvsegError("--iters must be at least 1, --warmup, --train-steps and --video at least 0")
+    budget = budget_of(args)
     console = Console()
     run = RunDir(args.run) if args.run else latest_run(args.runs_dir)
     model_precision = {"ort-fp32": "fp32", "ort-cuda-fp32": "fp32", "ort-tensorrt": "fp32", "ort-int8": "int8",
                        "ort-cuda-fp16": "fp16"}
-    needed = {"fp32", *(model_precision[b] for b in args.backends if b in model_precision)}
+    needed = {model_precision[b] for b in args.backends if b in model_precision}
     if any(not run.onnx(p).is_file() for p in needed):
         run.load_model()  # a missing run or checkpoint is named before anything is exported
         console.print(f"exporting ONNX models of {run} first")
-        export_run(run.best, run.onnx("fp32"), run_dir=run.path, precisions=tuple(sorted(needed)),
+        export_run(run.best, run.onnx("fp32"), run_dir=run.path, precisions=tuple(sorted(needed | {"fp32"})),
                    data_dir=args.data_dir, log=console.print)
-    report = benchmark_run(run, args.backends, args.batch_sizes, args.iters, args.warmup, args.train_steps,
+    report = benchmark_run(run, args.backends, args.batch_sizes, budget, train=args.train_steps != 0,
                            data_dir=args.data_dir, log=lambda line: console.print(f"[dim]{line}[/dim]"),
                            video_frames=args.video)
     markdown = to_markdown(report)

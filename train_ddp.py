@@ -12,14 +12,20 @@ is written to ``data/synthetic-kvasir-instrument`` and used. Bad input ends with
 
 from __future__ import annotations
 
+from kvseg.allocator import reexec_with_allocator
+
+if __name__ == "__main__":
+    reexec_with_allocator()  # first, before torch loads: an allocator is chosen when a process starts
+
 import argparse
 import sys
 from collections.abc import Sequence
 
 from kvseg.cli import run_cli
 from kvseg.config import load_config
+from kvseg.factory import RunOptions
 from kvseg.runs import open_run
-from kvseg.train import RunOptions, run_training
+from kvseg.train import run_training
 
 FLAG_FIELDS = {
     "data_dir": "data.root",

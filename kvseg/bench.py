@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kvseg.backends import Backend, Skipped, build_backend
-from kvseg.bench_training import history_summary, measure_training
+from kvseg.bench_training import DEFAULT, Budget, history_summary, measure_training
 from kvseg.bench_video import measure_run_video
 from kvseg.checkpoint import threshold_of
 from kvseg.evaluate import LogitsFn, evaluate
@@ -26,12 +26,20 @@ from kvseg.runtime import describe_machine
 FP32_IOU_TOLERANCE = 1e-4  # an fp32 ONNX backend further than this from torch-fp32 is flagged
 
 
-def measure_latency(backend: Backend, batch: np.ndarray, warmup: int, iters: int) -> dict:
-    """Median, p90, p99 latency in ms and images/s of one batch, after ``warmup`` calls."""
+def measure_latency(backend: Backend, batch: np.ndarray, budget: Budget) -> dict:
+    """Median, p90, p99 latency in ms and images/s of one batch.
+
+    After ``budget.warmup_steps`` untimed calls, one timed call sizes the number of timed calls to
+    ``budget.latency_seconds`` (within ``min_iters``..``max_iters``).
+    """
     call = backend.timed(batch)
-    for _ in range(warmup):
+    for _ in range(budget.warmup_steps):
         call()
     backend.synchronize()
+    start = time.perf_counter()
+    call()
+    backend.synchronize()
+    iters = budget.iters(time.perf_counter() - start)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -97,16 +105,16 @@ def benchmark_run(
     run: RunDir,
     backends: list[str],
     batch_sizes: list[int],
-    iters: int,
-    warmup: int,
-    train_steps: int,
+    budget: Budget = DEFAULT,
+    train: bool = True,
     data_dir: str | None = None,
     log: Callable[[str], None] = print,
     video_frames: int = 0,
 ) -> dict:
-    """Latency, parity and training speed for ``run``; returns the report dict (see the README).
+    """Latency, parity and (with ``train``) training speed for ``run``; returns the report dict (see the README).
 
-    With ``video_frames``, also the end-to-end video row (:mod:`kvseg.bench_video`).
+    ``budget`` sizes every measurement. With ``video_frames``, also the end-to-end video row
+    (:mod:`kvseg.bench_video`).
     """
     model, cfg, payload = run.load_model()
     datasets = run.eval_datasets(cfg, data_dir)
@@ -125,15 +133,16 @@ def benchmark_run(
         entry = {"device": backend.device, "provider": backend.provider, "notes": backend.notes, "latency": []}
         for batch_size in batch_sizes:
             batch = rng.normal(size=(batch_size, 3, size, size)).astype(np.float32)
-            entry["latency"].append(measure_latency(backend, batch, warmup, iters))
+            entry["latency"].append(measure_latency(backend, batch, budget))
         report["backends"][name] = entry
-        log(f"timed {name}")
+        log(f"timed {name}: " + ", ".join(f"batch {row['batch_size']} {row['median_ms']:.2f} ms" for row in entry["latency"]))
     report["providers_used"] = sorted({b.provider for b in loaded.values() if b.provider})
     report["parity"] = measure_parity(loaded, DataLoader(datasets["test"], batch_size=8), threshold_of(payload))
     report["flagged"] = [name for name, entry in report["parity"].items() if entry.get("flagged")]
-    if train_steps > 0:
-        report["training"] = measure_training(cfg, datasets["train"], train_steps, warmup=3)
-        log("timed training")
+    log(f"parity on {len(datasets['test'])} test images: " + ", ".join(
+        f"{name} IoU {entry['iou_per_image']:.4f}" for name, entry in report["parity"].items()))
+    if train:
+        report["training"] = measure_training(cfg, datasets["train"], budget, log)
     report["training_history"] = history_summary(run.history)
     if video_frames > 0:
         report["video"] = measure_run_video(loaded, cfg, datasets["test"], video_frames, threshold_of(payload), log)

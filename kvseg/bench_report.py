@@ -58,6 +58,7 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {label} | {row['images_per_s']:.1f} | {row['projected_epoch_s']:.1f} "
                          f"| {row['speedup_vs_study']:.1f}x |")
         lines.append(f"\nHarness against plain loop: {training['harness_vs_plain']:.2f}x.")
+        lines += _phase_lines(training)
     history = report.get("training_history")
     if history:
         lines.append(
@@ -68,3 +69,20 @@ def to_markdown(report: dict) -> str:
     if report.get("video"):
         lines += video_markdown(report["video"])
     return "\n".join(lines) + "\n"
+
+
+def _phase_lines(training: dict) -> list[str]:
+    """Where the harness's training step goes: its phases, then the operators with the most self time."""
+    lines = []
+    split = training.get("phase_split")
+    if split:
+        lines += ["", f"Where a harness step goes ({split['steps']} steps, each phase timed; a GPU is synchronised "
+                  "at every phase boundary):", "", "| phase | ms per step | share |", "| --- | ---: | ---: |"]
+        lines += [f"| {phase} | {row['ms_per_step']:.1f} | {row['share']:.1%} |" for phase, row in split["phases"].items()]
+    operators = training.get("top_operators")
+    if operators:
+        lines += ["", "Top operators by self time (torch.profiler over the same loop):", "",
+                  "| operator | ms per step | share | calls per step |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{row['name']}` | {row['ms_per_step']:.1f} | {row['share']:.1%} | {row['calls_per_step']:.0f} |"
+                  for row in operators]
+    return lines

@@ -83,6 +83,7 @@ class TrainConfig:
     select_metric: str = "dice"  # best.pt: highest validation per-image "dice" or "iou", or lowest "loss"
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: never
     channels_last: bool = True
+    compile: bool = False  # torch.compile the U-Net (a minute of compiling first; see the README for what it buys)
     cpu_threads: int = 0  # torch threads per process when training on the CPU; 0: the cores each process gets
     sync_batchnorm: str = "auto"  # "auto" (on with several GPU processes), "on" or "off"
     threshold: float = 0.5  # probability above which a pixel is predicted instrument (unless tuned)

@@ -1,8 +1,8 @@
-"""Factories of a training run: the accelerator, the model, and everything the epoch loop works with.
+"""Set-up of a training run: the accelerator, the run folder, and everything the epoch loop works with.
 
-:func:`build_training` builds the model, optimizer, schedule, weight average, loss and loaders from
-the config, each by its own factory, and prepares them with ``accelerate``; :mod:`kvseg.train` runs
-the loop over what it returns.
+:func:`start_run` opens a new or resumed run folder; :func:`build_training` builds the model,
+optimizer, schedule, weight average, loss and loaders from the config, each by its own factory,
+and prepares them with ``accelerate``; :mod:`kvseg.train` runs the loop over what they return.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -17,16 +18,27 @@ from accelerate.utils import ProjectConfiguration
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from kvseg.config import Config, config_to_dict
-from kvseg.data import Split, find_samples
+from kvseg.check import check_training_data
+from kvseg.config import Config, config_to_dict, config_to_yaml
+from kvseg.data import Split, find_samples, resolve_split
 from kvseg.dataset import SegmentationDataset, build_dataloaders, build_datasets
-from kvseg.errors import ConfigError
+from kvseg.errors import CheckpointError, ConfigError
 from kvseg.evaluate import LogitsFn, torch_logits
 from kvseg.losses import build_loss
 from kvseg.model import build_model
 from kvseg.optim import build_ema, build_optimizer, build_scheduler
-from kvseg.runs import RunDir
-from kvseg.runtime import describe_machine, no_accelerator, resolve_mixed_precision
+from kvseg.runs import Progress, RunDir, create_run, open_run, resume_config
+from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
+from kvseg.synthetic import resolve_data_root
+
+
+@dataclass
+class RunOptions:
+    """What the command line decides beyond the config."""
+
+    data_dir_given: bool = False  # an explicit data dir must exist: no fall-back to synthetic data
+    resume: str | None = None
+    mixed_precision: str = "auto"  # "auto", "no", "fp16" or "bf16"
 
 
 @dataclass
@@ -56,11 +68,12 @@ def build_training(cfg: Config, split: Split, accelerator: Accelerator) -> Train
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
     scheduler = build_scheduler(optimizer, cfg.train, math.ceil(len(loaders["train"]) / cfg.train.grad_accum_steps))
-    ema = build_ema(accelerator.unwrap_model(model), cfg.train)
+    plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # the U-Net itself: what is averaged and saved
+    ema = build_ema(plain, cfg.train)
     for stateful in (scheduler, ema):
         if stateful is not None:
             accelerator.register_for_checkpointing(stateful)
-    weights = ema.module if ema is not None else accelerator.unwrap_model(model)
+    weights = ema.module if ema is not None else plain
     return Training(model, optimizer, scheduler, ema, build_loss(cfg.train), datasets, loaders,
                     scoring_fn(model, ema, cfg, accelerator), weights)
 
@@ -103,12 +116,15 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run: RunDir) -> None:
 
 
 def prepare_model(cfg: Config, accelerator: Accelerator) -> torch.nn.Module:
-    """The U-Net of ``cfg``, with SyncBatchNorm under multi-GPU DDP (``train.sync_batchnorm``) and channels_last."""
+    """The U-Net of ``cfg``, with SyncBatchNorm under multi-GPU DDP (``train.sync_batchnorm``), channels_last,
+    and compiled by ``torch.compile`` when ``train.compile`` is on."""
     model: torch.nn.Module = build_model(cfg.model)
     sync = cfg.train.sync_batchnorm
     if sync == "on" or (sync == "auto" and accelerator.num_processes > 1 and accelerator.device.type == "cuda"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.train.compile else model
 
 
 def scoring_fn(model: torch.nn.Module, ema: AveragedModel | None, cfg: Config, accelerator: Accelerator) -> LogitsFn:
@@ -122,3 +138,46 @@ def scoring_fn(model: torch.nn.Module, ema: AveragedModel | None, cfg: Config, a
             return averaged(images)
 
     return logits
+
+
+def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tuple[RunDir, Split, Progress, Path | None]:
+    """A new run folder, or the one to resume, locked for this run: its split, progress and the state to load.
+
+    A new run resolves the data folder first (writing the synthetic stand-in when needed), records
+    it in ``cfg.data.root`` and writes the config, split and environment. The state folder is None
+    for a new run.
+    """
+    if options.resume:
+        run = open_run(options.resume)
+        resume_config(run, cfg)
+        state, progress = run.load_progress()
+        check_training_data(cfg, accelerator)
+        split = run.split(cfg)
+    else:
+        cfg.data.root = str(resolve_data_root(cfg.data, options.data_dir_given, accelerator))
+        check_training_data(cfg, accelerator)  # the folder summary; fixes data.mask_encoding before the config is saved
+        split = resolve_split(cfg.data.root, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction,
+                              cfg.data.val_fraction)
+        run, state, progress = create_run(cfg.output_dir, cfg.run_name, accelerator), None, Progress()
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
+    accelerator.print(config_to_yaml(cfg).rstrip())
+    run.claim(accelerator)
+    accelerator.print(
+        f"Run folder {run}; data {cfg.data.root} ({len(split.train)} train / {len(split.val)} validation / "
+        f"{len(split.test)} test, split from {split.source}); {accelerator.num_processes} process(es) on "
+        f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
+    )
+    if run.keeps_copy(accelerator) and state is None:
+        run.write_start(cfg, split, environment(accelerator))
+    start_trackers(accelerator, cfg, run)
+    return run, split, progress, state
+
+
+def load_state(accelerator: Accelerator, state: Path, progress: Progress) -> None:
+    """Restore model, optimizer, scheduler, EMA, sampler and RNG states saved by :meth:`RunDir.save_state`."""
+    try:
+        accelerator.load_state(str(state))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{state}: cannot load training state ({str(exc).splitlines()[0]})") from None
+    accelerator.print(f"Resumed from {state} after epoch {progress.epoch}")

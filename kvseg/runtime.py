@@ -19,6 +19,7 @@ import cv2
 import torch
 
 import kvseg
+from kvseg.allocator import DONE as ALLOCATOR_ACTIVE
 
 PACKAGES = ("torch", "accelerate", "albumentations", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu",
             "onnxscript", "scikit-learn", "monai", "openvino", "av")
@@ -133,4 +134,5 @@ def describe_machine() -> dict:
         "packages": packages,
         "onnxruntime_providers_listed": ort.get_available_providers(),
         "torch_threads": torch.get_num_threads(),
+        "allocator": os.environ.get(ALLOCATOR_ACTIVE, "system default (not chosen by kvseg.allocator)"),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -21,32 +21,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from kvseg.check import check_training_data
 from kvseg.checkpoint import load_model_checkpoint, set_threshold
-from kvseg.config import Config, config_to_yaml
-from kvseg.data import Split, find_samples, resolve_split
+from kvseg.config import Config
 from kvseg.distributed import check_process_group
-from kvseg.errors import CheckpointError, KvsegError
+from kvseg.errors import KvsegError
 from kvseg.evaluate import EvalResult, evaluate, tune_threshold
-from kvseg.factory import Training, build_accelerator, build_training, environment, start_trackers
+from kvseg.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
 from kvseg.report import write_report
-from kvseg.runs import CheckpointSaver, RunDir, create_run, open_run, resume_config
+from kvseg.runs import CheckpointSaver, RunDir
 from kvseg.runs import Progress as RunProgress
-from kvseg.runtime import cpu_threads_per_process
-from kvseg.synthetic import resolve_data_root
 
 
 class NonFiniteLossError(KvsegError):
     """The training loss became NaN or infinite."""
-
-
-@dataclass
-class RunOptions:
-    """What the command line decides beyond the config."""
-
-    data_dir_given: bool = False  # an explicit data dir must exist: no fall-back to synthetic data
-    resume: str | None = None
-    mixed_precision: str = "auto"  # "auto", "no", "fp16" or "bf16"
 
 
 @dataclass
@@ -67,6 +54,39 @@ class EpochStats:
                 f"time {self.seconds:.1f}s, {self.images_per_s:.1f} images/s")
 
 
+PHASES = ("data wait", "forward", "backward", "optimizer")
+
+
+@dataclass
+class PhaseTimer:
+    """Wall seconds of each phase of a training step (:data:`PHASES`), summed over the steps it saw.
+
+    Each mark synchronises a GPU first, so that queued work is charged to the phase that queued it:
+    a profile, not the pace of an untimed run.
+    """
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    steps: int = 0
+    _last: float = 0.0
+
+    def start(self) -> None:
+        self._sync()
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """Charge the time since the previous mark to ``phase``; ``optimizer`` ends a step."""
+        self._sync()
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._last
+        self._last = now
+        self.steps += phase == PHASES[-1]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -78,12 +98,13 @@ def train_one_epoch(
     max_steps: int | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ema: AveragedModel | None = None,
+    timer: PhaseTimer | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` (or its first ``max_steps`` batches).
 
     ``scheduler`` and ``ema`` step after every optimizer step (not every micro-batch under gradient
     accumulation). The returned loss is averaged over all samples on all processes; ``lr`` is the
-    learning rate of the epoch's last step.
+    learning rate of the epoch's last step. ``timer`` splits each step into :data:`PHASES`.
     """
     model.train()
     start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
@@ -99,15 +120,23 @@ def train_one_epoch(
     )
     with progress:
         task = progress.add_task(description, total=steps, loss="-")
+        if timer is not None:
+            timer.start()
         for step, (images, masks, _) in enumerate(loader):
             if step == steps:
                 break
+            if timer is not None:
+                timer.mark("data wait")
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
                 logits = model(images)
                 loss = loss_fn(logits.float(), masks.float())
+                if timer is not None:
+                    timer.mark("forward")
                 accelerator.backward(loss)
+                if timer is not None:
+                    timer.mark("backward")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
@@ -115,12 +144,14 @@ def train_one_epoch(
                 if scheduler is not None:
                     scheduler.step()
                 if ema is not None:
-                    ema.update_parameters(accelerator.unwrap_model(model))
+                    ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
             loss_sum += loss.detach().double() * len(images)
             count += len(images)
             if step % 10 == 0 and accelerator.is_main_process:
                 progress.update(task, loss=f"{loss.item():.4f}")
             progress.advance(task)
+            if timer is not None:
+                timer.mark("optimizer")
     loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
     return EpochStats(float(loss_sum / count), time.perf_counter() - start, int(count), lr)
 
@@ -130,49 +161,6 @@ def train_one_epoch(
 
 
 
-
-
-def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tuple[RunDir, Split, RunProgress, Path | None]:
-    """A new run folder, or the one to resume, locked for this run: its split, progress and the state to load.
-
-    A new run resolves the data folder first (writing the synthetic stand-in when needed), records
-    it in ``cfg.data.root`` and writes the config, split and environment. The state folder is None
-    for a new run.
-    """
-    if options.resume:
-        run = open_run(options.resume)
-        resume_config(run, cfg)
-        state, progress = run.load_progress()
-        check_training_data(cfg, accelerator)
-        split = run.split(cfg)
-    else:
-        cfg.data.root = str(resolve_data_root(cfg.data, options.data_dir_given, accelerator))
-        check_training_data(cfg, accelerator)  # the folder summary; fixes data.mask_encoding before the config is saved
-        split = resolve_split(cfg.data.root, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction,
-                              cfg.data.val_fraction)
-        run, state, progress = create_run(cfg.output_dir, cfg.run_name, accelerator), None, RunProgress()
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
-    accelerator.print(config_to_yaml(cfg).rstrip())
-    run.claim(accelerator)
-    accelerator.print(
-        f"Run folder {run}; data {cfg.data.root} ({len(split.train)} train / {len(split.val)} validation / "
-        f"{len(split.test)} test, split from {split.source}); {accelerator.num_processes} process(es) on "
-        f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
-    )
-    if run.keeps_copy(accelerator) and state is None:
-        run.write_start(cfg, split, environment(accelerator))
-    start_trackers(accelerator, cfg, run)
-    return run, split, progress, state
-
-
-def load_state(accelerator: Accelerator, state: Path, progress: RunProgress) -> None:
-    """Restore model, optimizer, scheduler, EMA, sampler and RNG states saved by :meth:`RunDir.save_state`."""
-    try:
-        accelerator.load_state(str(state))
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{state}: cannot load training state ({str(exc).splitlines()[0]})") from None
-    accelerator.print(f"Resumed from {state} after epoch {progress.epoch}")
 
 
 def check_finite(stats: EpochStats, epoch: int, run: RunDir, progress: RunProgress) -> None:
@@ -233,12 +221,14 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     check_finite(stats, epoch, run, progress)
     accelerator.print(stats.line(epoch, epochs))
     due = "val" in training.loaders and (epoch == epochs or epoch % cfg.train.eval_every == 0)
+    started = time.perf_counter()
     result = score(training.logits, training.loaders["val"]) if due else None
+    validation_seconds = time.perf_counter() - started
     progress.epoch = epoch
     best = saver.save(training.weights, cfg, epoch, result, write=accelerator.is_main_process)
     if result is not None:
         accelerator.print(f"Validation {result.line()}{' (best so far)' if best else ''}")
-    progress.history.append(history_record(epoch, stats, result, best))
+    progress.history.append({**history_record(epoch, stats, result, best), "val_seconds": validation_seconds})
     accelerator.log({k: v for k, v in progress.history[-1].items() if isinstance(v, float)}, step=epoch)
     progress.stopped_early = not saver.patience_left(cfg.train.early_stopping_patience, cfg.train.eval_every)
     if accelerator.is_main_process:

@@ -50,8 +50,13 @@ def test_report_has_every_field(benchmarked: tuple[Path, dict]) -> None:
         assert training[loop]["images_per_s"] > 0
         assert training[loop]["speedup_vs_study"] == pytest.approx(300 / training[loop]["projected_epoch_s"])
     assert report["training_history"]["epochs"] == 8
+    phases = training["phase_split"]["phases"]
+    assert list(phases) == ["data wait", "forward", "backward", "optimizer"] and training["phase_split"]["steps"] == 2
+    assert sum(p["share"] for p in phases.values()) == pytest.approx(1.0) and phases["backward"]["ms_per_step"] > 0
+    operators = [row["name"] for row in training["top_operators"]]
+    assert any("convolution" in name for name in operators)  # the U-Net's own work shows at the top
     markdown = (run_dir / "benchmark.md").read_text()
-    assert "| ort-int8 | 2 |" in markdown and "Training speed" in markdown
+    assert "| ort-int8 | 2 |" in markdown and "Training speed" in markdown and "| backward |" in markdown
 
 
 def test_unavailable_provider_is_reported_as_skipped(benchmarked: tuple[Path, dict]) -> None:
