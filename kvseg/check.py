@@ -27,9 +27,11 @@ import numpy as np
 
 from kvseg.cli import run_cli, user_message
 from kvseg.config import Config, DataConfig, load_config
-from kvseg.data import SPLIT_FILES, FolderScan, Sample, Split, image_to_rgb, open_upright, resolve_split, scan_folder
+from kvseg.data import FolderScan, Sample, image_to_rgb, open_upright, preview, scan_folder
+from kvseg.encodings import EncodingDecision, decide_encoding
 from kvseg.errors import CorruptImageError, DatasetError, KvsegError
-from kvseg.masks import EncodingDecision, MaskValues, decide_encoding, inspect_mask, misfit_message
+from kvseg.masks import MaskValues, inspect_mask, misfit_message
+from kvseg.splits import SPLIT_FILES, Split, resolve_split
 
 LISTED = 8  # ids named in one line before "and N more"
 
@@ -73,11 +75,6 @@ def read_pairs(samples: Sequence[Sample], workers: int | None = None) -> list[Pa
         return list(pool.map(_read_pair, samples, chunksize=8))
 
 
-def _preview(names: Sequence[str], limit: int = LISTED) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _histogram(counter: Counter, limit: int = 4) -> str:
     common = counter.most_common(limit)
     text = ", ".join(f"{key}: {count}" for key, count in common)
@@ -114,7 +111,7 @@ class FolderReport:
         values = np.array(list(self.fractions.values()))
         empty = [i for i, f in self.fractions.items() if f == 0]
         return (f"min {values.min():.4f}, median {float(np.median(values)):.4f}, max {values.max():.4f} of a mask's pixels; "
-                + (f"{len(empty)} empty mask(s): {_preview(empty)}" if empty else "no empty mask"))
+                + (f"{len(empty)} empty mask(s): {preview(empty, LISTED)}" if empty else "no empty mask"))
 
     def lines(self, brief: bool = False) -> list[str]:
         """The summary, one fact per line; ``brief`` keeps what training prints before epoch 1."""
@@ -149,7 +146,7 @@ class FolderReport:
         if not self.duplicates:
             return "none (decoded pixels compared)"
         groups = [" = ".join(group) + self._straddles(group) for group in self.duplicates]
-        return f"{len(groups)} group(s) with the same decoded pixels: {_preview(groups, 4)}"
+        return f"{len(groups)} group(s) with the same decoded pixels: {preview(groups, 4)}"
 
     def _straddles(self, group: list[str]) -> str:
         """`` (in train and test)`` when the ids of ``group`` fall into more than one split."""
@@ -180,10 +177,10 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
     errors, warnings = [], []
     if scan.images_without_mask:
         errors.append(f"{scan.root / 'masks'}: no mask for {len(scan.images_without_mask)} image(s): "
-                      f"{_preview(scan.images_without_mask)} (expected a mask with the same file stem)")
+                      f"{preview(scan.images_without_mask, LISTED)} (expected a mask with the same file stem)")
     if scan.masks_without_image:
         errors.append(f"{scan.root / 'images'}: no image for {len(scan.masks_without_image)} mask(s): "
-                      f"{_preview(scan.masks_without_image)} (expected an image with the same file stem)")
+                      f"{preview(scan.masks_without_image, LISTED)} (expected an image with the same file stem)")
     samples = list(scan.samples.values())
     records = read_pairs(samples, workers)
     for record in records:
@@ -206,7 +203,7 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
                             "(data.foreground_values names the instrument values)")
         empty = [i for i, f in fractions.items() if f == 0]
         if empty:
-            warnings.append(f"{len(empty)} empty mask(s) (no instrument pixel): {_preview(empty)}")
+            warnings.append(f"{len(empty)} empty mask(s) (no instrument pixel): {preview(empty, LISTED)}")
 
     mismatches = []
     for record, sample in zip(records, samples):

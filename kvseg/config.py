@@ -82,6 +82,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate on the validation split every k epochs
     select_metric: str = "dice"  # best.pt: highest validation per-image "dice" or "iou", or lowest "loss"
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: never
+    keep_every: int = 0  # also keep checkpoints/epoch_NNNN.pt every k epochs (learning curves); 0: never
     channels_last: bool = True
     compile: bool = False  # torch.compile the U-Net (a minute of compiling first; see the README for what it buys)
     cpu_threads: int = 0  # torch threads per process when training on the CPU; 0: the cores each process gets
@@ -164,7 +165,8 @@ def _validate(cfg: Config) -> None:
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"config key '{key}' is {value}; expected 0 (off) or a fraction below 1")
     for key, value in {"train.warmup_epochs": cfg.train.warmup_epochs,
-                       "train.early_stopping_patience": cfg.train.early_stopping_patience}.items():
+                       "train.early_stopping_patience": cfg.train.early_stopping_patience,
+                       "train.keep_every": cfg.train.keep_every}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' is {value}; expected 0 or more")
     if not 0.0 < cfg.train.threshold < 1.0 or not all(0.0 < t < 1.0 for t in cfg.eval.threshold_grid):

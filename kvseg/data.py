@@ -35,7 +35,6 @@ from kvseg.errors import (
     ImageTooLargeError,
     MissingMaskError,
     OrphanMaskError,
-    SplitError,
 )
 
 
@@ -54,7 +53,6 @@ def _readable_extensions() -> tuple[str, ...]:
 
 IMAGE_EXTENSIONS = _readable_extensions()
 COMMON_EXTENSIONS = (".jpg", ".png", ".tif", ".bmp", ".gif", ".webp")  # named in messages instead of all of them
-SPLIT_FILES = ("train.txt", "val.txt", "test.txt")
 
 # kvseg refuses an image above Image.MAX_IMAGE_PIXELS itself (open_upright), naming the limit; Pillow's
 # warning for sizes between one and two times the limit would only repeat that.
@@ -68,20 +66,6 @@ class Sample:
     id: str
     image: Path
     mask: Path
-
-
-@dataclass(frozen=True)
-class Split:
-    """Train, validation and test ids, and where they came from (e.g. "split files", "seed 0")."""
-
-    train: list[str]
-    val: list[str]
-    test: list[str]
-    source: str
-
-    def items(self) -> list[tuple[str, list[str]]]:
-        """(name, ids) of the splits that are not empty, in the order train, val, test."""
-        return [(name, ids) for name, ids in (("train", self.train), ("val", self.val), ("test", self.test)) if ids]
 
 
 @dataclass(frozen=True)
@@ -115,7 +99,7 @@ def describe_passed_over(items: Sequence[PassedOver], root: Path | None = None, 
     for item in items:
         name = str(item.path.relative_to(root)) if root is not None and item.path.is_relative_to(root) else str(item.path)
         groups.setdefault(item.reason, []).append(name)
-    parts = [f"{len(names)} {reason} ({_preview(names, limit)})" for reason, names in groups.items()]
+    parts = [f"{len(names)} {reason} ({preview(names, limit)})" for reason, names in groups.items()]
     return f"passed over {len(items)} file(s): " + "; ".join(parts)
 
 
@@ -137,7 +121,8 @@ def _list_files(folder: Path, passed_over: list[PassedOver]) -> dict[str, Path]:
     return files
 
 
-def _preview(names: Sequence[str], limit: int = 5) -> str:
+def preview(names: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -180,86 +165,9 @@ def find_samples(root: str | Path) -> dict[str, Sample]:
             skipped = [item for item in scan.passed_over if item.path.parent == folder]
             note = f"; {describe_passed_over(skipped, scan.root)}" if skipped else ""
             raise error(f"{folder}: no {other} for {len(missing)} {'image' if other == 'mask' else 'mask'}(s): "
-                        f"{_preview(missing)} (expected {'a' if other == 'mask' else 'an'} {other} with the same "
+                        f"{preview(missing)} (expected {'a' if other == 'mask' else 'an'} {other} with the same "
                         f"file stem){note}")
     return scan.samples
-
-
-def read_split_file(path: Path, known: dict[str, Sample]) -> list[str]:
-    ids = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        name = line.strip()
-        if not name:
-            continue
-        if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-            name = Path(name).stem
-        if name not in known:
-            raise SplitError(f"{path}:{number}: id '{name}' has no image in images/ (expected ids of existing files)")
-        ids.append(name)
-    return ids
-
-
-def carve_validation(train: list[str], seed: int, fraction: float) -> tuple[list[str], list[str]]:
-    """(train, val): ``fraction`` of ``train`` drawn by ``seed`` for validation, at least one id each when possible."""
-    if fraction <= 0 or len(train) < 2:
-        return list(train), []
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_val = min(len(train) - 1, max(1, round(fraction * len(train))))
-    return sorted(train[i] for i in order[n_val:]), sorted(train[i] for i in order[:n_val])
-
-
-def resolve_split(root: str | Path, samples: dict[str, Sample], seed: int, test_fraction: float,
-                  val_fraction: float = 0.0) -> Split:
-    """The train/validation/test split of ``root``: its split files where present, otherwise seeded draws.
-
-    ``train.txt`` / ``test.txt``: with only one of them, the other split is every remaining id.
-    Without either, ``test_fraction`` of the ids is drawn by ``seed``. ``val.txt`` names the
-    validation ids; without it, ``val_fraction`` of the training ids is drawn by ``seed``
-    (:func:`carve_validation`). The test split never takes part in the validation draw.
-
-    Raises:
-        SplitError: an id in a split file has no image, an id is in two splits, or a split is empty.
-    """
-    root = Path(root)
-    train_file, val_file, test_file = (root / name for name in SPLIT_FILES)
-    if train_file.is_file() or test_file.is_file():
-        train = read_split_file(train_file, samples) if train_file.is_file() else None
-        test = read_split_file(test_file, samples) if test_file.is_file() else None
-        if train is None:
-            train = [i for i in samples if i not in set(test)]
-        if test is None:
-            test = [i for i in samples if i not in set(train)]
-        source = "split files"
-    else:
-        ids = sorted(samples)
-        if len(ids) < 2:
-            raise SplitError(f"{root}: {len(ids)} image(s); a train/test split needs at least 2")
-        order = np.random.default_rng(seed).permutation(len(ids))
-        n_test = min(len(ids) - 1, max(1, round(test_fraction * len(ids))))
-        test, train = sorted(ids[i] for i in order[:n_test]), sorted(ids[i] for i in order[n_test:])
-        source = f"seed {seed}"
-    if val_file.is_file():
-        val = read_split_file(val_file, samples)
-        train = [i for i in train if i not in set(val)] if not train_file.is_file() else train
-    else:
-        train, val = carve_validation(train, seed, val_fraction)
-        source += f", validation drawn by seed {seed}" if val else ""
-    pairs = ((("train", train), ("test", test)), (("train", train), ("val", val)), (("val", val), ("test", test)))
-    for (name_a, a), (name_b, b) in pairs:
-        overlap = sorted(set(a) & set(b))
-        if overlap:
-            raise SplitError(f"{root}: {len(overlap)} id(s) are in both {name_a} and {name_b}: {_preview(overlap)}")
-    if not train or not test:
-        raise SplitError(f"{root}: the split leaves the {'train' if not train else 'test'} split empty")
-    return Split(train, val, test, source)
-
-
-def write_split(split: Split, folder: str | Path) -> None:
-    """Write ``train.txt``, ``val.txt`` and ``test.txt`` into ``folder`` (a run folder, never the data folder)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, ids in zip(SPLIT_FILES, (split.train, split.val, split.test)):
-        (folder / name).write_text("".join(f"{i}\n" for i in ids))
 
 
 def _too_large(path: Path, pixels: int | None) -> ImageTooLargeError:

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from kvseg.augment import build_eval_transform, build_train_transform
 from kvseg.config import Config, DataConfig
 from kvseg.data import Sample, read_image, resize_pair
+from kvseg.encodings import dataset_encoding
 from kvseg.errors import CorruptImageError, EmptyDatasetError
-from kvseg.masks import MaskEncoding, dataset_encoding, read_mask
+from kvseg.masks import MaskEncoding, read_mask
 from kvseg.runtime import default_num_workers, single_threaded_opencv
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from kvseg.check import check_training_data
 from kvseg.config import Config, config_to_dict, config_to_yaml
-from kvseg.data import Split, find_samples, resolve_split
+from kvseg.data import find_samples
 from kvseg.dataset import SegmentationDataset, build_dataloaders, build_datasets
 from kvseg.errors import CheckpointError, ConfigError
 from kvseg.evaluate import LogitsFn, torch_logits
@@ -29,6 +29,7 @@ from kvseg.model import build_model
 from kvseg.optim import build_ema, build_optimizer, build_scheduler
 from kvseg.runs import Progress, RunDir, create_run, open_run, resume_config
 from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
+from kvseg.splits import Split, resolve_split
 from kvseg.synthetic import resolve_data_root
 
 
@@ -87,11 +88,18 @@ def build_accelerator(cfg: Config, mixed_precision: str = "auto") -> Accelerator
     for tracker in cfg.train.trackers:
         if importlib.util.find_spec(tracker) is None:
             raise ConfigError(f"config key 'train.trackers': {tracker} is not installed (pip install 'kvseg[{tracker}]')")
+    cpu, precision = no_accelerator(), resolve_mixed_precision(mixed_precision)
+    if cpu and precision == "fp16":  # accelerate would train in fp32 without a word
+        raise ConfigError("mixed precision fp16 needs a GPU; on the CPU use bf16 (fast where the CPU has native bf16) "
+                          "or no")
+    if cpu and cfg.train.sync_batchnorm == "on":
+        raise ConfigError("config key 'train.sync_batchnorm' is on, but SyncBatchNorm runs on GPUs only; use auto or off")
     return Accelerator(
-        cpu=no_accelerator(),
-        mixed_precision=resolve_mixed_precision(mixed_precision),
+        cpu=cpu,
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        # pinned host memory (set by build_dataloaders on a GPU) copies to the device without blocking
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed, non_blocking=not cpu),
         log_with=list(cfg.train.trackers) or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
     )

@@ -24,7 +24,13 @@ class _CalibrationReader:
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: list[np.ndarray]) -> None:
-    """Static int8 quantisation in QDQ format (per-channel weights), calibrated on ``calibration``."""
+    """Static int8 quantisation in QDQ format, calibrated on ``calibration`` (float32 batches, N x 3 x H x W).
+
+    Activations are uint8 and weights int8 per channel, with ``reduce_range`` (7-bit weights): on x86 CPUs
+    without VNNI, ONNX Runtime's u8s8 kernels (VPMADDUBSW) can saturate, and a model exported on one machine is
+    often deployed on another (``onnxruntime.quantization.quantize_static`` docstring). Measured on a 2-core
+    AVX2 AMD EPYC without VNNI: the test fixture's int8 IoU drop went from 0.025 to within the 0.01 rule.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -34,7 +40,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: list[np.ndarray]
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared), str(out_path), _CalibrationReader(calibration),
-                quant_format=QuantFormat.QDQ, per_channel=True,
+                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )

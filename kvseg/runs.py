@@ -22,20 +22,20 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from kvseg.augment import build_eval_transform
-from kvseg.checkpoint import json_safe, load_trained_model, save_model_checkpoint, write_json_atomic
+from kvseg.checkpoint import json_safe, load_trained_model, write_json_atomic
 from kvseg.config import Config, config_to_yaml, load_config
-from kvseg.data import Split, find_samples, resolve_split, write_split
+from kvseg.data import find_samples
 from kvseg.dataset import SegmentationDataset
+from kvseg.encodings import dataset_encoding
 from kvseg.errors import CheckpointError
 from kvseg.evaluate import EvalResult
-from kvseg.masks import dataset_encoding
 from kvseg.model import UNet
 from kvseg.onnx_model import precision_path
+from kvseg.splits import Split, resolve_split, write_split
 
 PER_IMAGE_COLUMNS = ("id", "split", "iou", "dice", "loss", "true_fraction", "predicted_fraction")
 
@@ -79,6 +79,14 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     best = property(lambda self: self.path / "checkpoints" / "best.pt")
     last = property(lambda self: self.path / "checkpoints" / "last.pt")
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        """``checkpoints/epoch_0010.pt``: the weights kept after ``epoch`` (``train.keep_every``)."""
+        return self.checkpoints / f"epoch_{epoch:04d}.pt"
+
+    def epoch_checkpoints(self) -> list[tuple[int, Path]]:
+        """Every kept epoch checkpoint, by epoch."""
+        return sorted((int(p.stem.split("_")[1]), p) for p in self.checkpoints.glob("epoch_*.pt"))
 
     def onnx(self, precision: str = "fp32") -> Path:
         """``model.onnx`` (fp32), ``model_fp16.onnx`` or ``model_int8.onnx``."""
@@ -299,63 +307,3 @@ def latest_run(output_dir: str | Path) -> RunDir:
             f"{output_dir}: no run with checkpoints/best.pt found (train one first, or pass --run / --checkpoint)"
         )
     return finished[-1]
-
-
-class CheckpointSaver:
-    """What is written when: ``last.pt`` after every epoch, ``best.pt`` when the validation score improves.
-
-    ``metric`` is ``"dice"`` or ``"iou"`` (validation per-image mean, higher is better) or ``"loss"``
-    (lower is better). With ``metric=None`` (no validation split) every epoch becomes the best, so
-    ``best.pt`` is the last epoch. The test split is never seen here.
-    """
-
-    def __init__(self, run: RunDir, progress: Progress, metric: str | None) -> None:
-        self.run, self.progress, self.metric = run, progress, metric
-
-    def score(self, result: EvalResult) -> float:
-        return result.loss if self.metric == "loss" else getattr(result.per_image, self.metric)
-
-    def improves(self, result: EvalResult | None) -> bool:
-        if self.metric is None:
-            return True
-        if result is None:
-            return False
-        best, value = self.progress.best_score, self.score(result)
-        return best is None or (value < best if self.metric == "loss" else value > best)
-
-    def save(self, model: torch.nn.Module, cfg: Config, epoch: int, result: EvalResult | None, write: bool) -> bool:
-        """Record ``epoch`` and write its checkpoints when ``write`` (the main process); True when it became the best.
-
-        Call it on every process, so that all of them agree on the best epoch and on early stopping.
-        """
-        improved = self.improves(result)
-        if improved:
-            self.progress.best_score = self.score(result) if self.metric and result is not None else None
-            self.progress.best_epoch = epoch
-        if write:
-            summary = _summary(result)
-            save_model_checkpoint(self.run.last, model, cfg, epoch, summary)
-            if improved:
-                save_model_checkpoint(self.run.best, model, cfg, epoch, {**(summary or {}), "selection": self.selection()})
-        return improved
-
-    def selection(self) -> dict:
-        """How best.pt was chosen: epoch, split, metric and score."""
-        if self.metric is None:
-            return {"epoch": self.progress.best_epoch, "split": None, "metric": None, "score": None,
-                    "rule": "no validation split: the last epoch"}
-        return {"epoch": self.progress.best_epoch, "split": "validation", "metric": f"per-image {self.metric}"
-                if self.metric != "loss" else "loss", "score": self.progress.best_score}
-
-    def patience_left(self, patience: int, eval_every: int) -> bool:
-        """False once ``patience`` evaluations in a row have not improved on the best (0: never stop)."""
-        if not patience or self.metric is None or self.progress.best_epoch is None:
-            return True
-        return self.progress.epoch - self.progress.best_epoch < patience * eval_every
-
-
-def _summary(result: EvalResult | None) -> dict | None:
-    """An evaluation without its per-image rows and curves, as kept inside a checkpoint."""
-    if result is None:
-        return None
-    return {k: v for k, v in result.to_json().items() if k not in ("images", "curves")}

@@ -28,8 +28,9 @@ from kvseg.errors import KvsegError
 from kvseg.evaluate import EvalResult, evaluate, tune_threshold
 from kvseg.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
 from kvseg.report import write_report
-from kvseg.runs import CheckpointSaver, RunDir
 from kvseg.runs import Progress as RunProgress
+from kvseg.runs import RunDir
+from kvseg.saver import CheckpointSaver
 
 
 class NonFiniteLossError(KvsegError):
@@ -196,7 +197,8 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     training = build_training(cfg, split, accelerator)
     if state is not None:
         load_state(accelerator, state, progress)
-    saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None)
+    saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
+                            cfg.train.keep_every)
     score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
                     gather=accelerator.gather_for_metrics)
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1 if not progress.stopped_early else 0):

@@ -16,11 +16,12 @@ from torch.utils.data import DataLoader
 
 from kvseg.checkpoint import save_model_checkpoint
 from kvseg.config import config_to_yaml, load_config
-from kvseg.data import find_samples, resolve_split, write_split
+from kvseg.data import find_samples
 from kvseg.dataset import build_dataloaders, build_datasets
 from kvseg.evaluate import EvalResult, evaluate
 from kvseg.model import build_model
 from kvseg.runs import RunDir
+from kvseg.splits import resolve_split, write_split
 from kvseg.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ TINY_TRAINING = ["--image-size", "64", "--batch-size", "4", "--num-workers", "1"
 
 @pytest.fixture(scope="session")
 def fresh_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder made in-process: a base-8 U-Net (depth 3, 64 px) trained 8 epochs on
+    """A run folder made in-process: a base-8 U-Net (depth 3, 64 px) trained 16 epochs on
     :func:`synthetic_root` by a plain loop, saved as its best checkpoint with a history.json. Do not modify."""
     cfg = load_config(overrides=[f"data.root={synthetic_root}", "data.image_size=64", "data.num_workers=0",
                                  "model.base_channels=8", "model.depth=3", "train.batch_size=4"])
@@ -110,7 +111,7 @@ def fresh_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     history = []
-    for epoch in range(1, 9):
+    for epoch in range(1, 17):
         datasets["train"].set_epoch(epoch)
         losses = []
         for images, masks, _ in loader:
@@ -121,7 +122,7 @@ def fresh_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
             losses.append(loss.item())
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": 1.0, "images_per_s": 1.0})
     run.write_history(history)
-    save_model_checkpoint(run.best, model.eval(), cfg, epoch=8, metrics=None)
+    save_model_checkpoint(run.best, model.eval(), cfg, epoch=16, metrics=None)
     return run.path
 
 

@@ -49,7 +49,7 @@ def test_report_has_every_field(benchmarked: tuple[Path, dict]) -> None:
     for loop in ("plain_fp32_nchw", "harness"):
         assert training[loop]["images_per_s"] > 0
         assert training[loop]["speedup_vs_study"] == pytest.approx(300 / training[loop]["projected_epoch_s"])
-    assert report["training_history"]["epochs"] == 8
+    assert report["training_history"]["epochs"] == 16
     phases = training["phase_split"]["phases"]
     assert list(phases) == ["data wait", "forward", "backward", "optimizer"] and training["phase_split"]["steps"] == 2
     assert sum(p["share"] for p in phases.values()) == pytest.approx(1.0) and phases["backward"]["ms_per_step"] > 0

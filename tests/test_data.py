@@ -7,12 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import disk_mask
-from kvseg.data import (
-    find_samples,
-    read_image,
-    resolve_split,
-    write_split,
-)
+from kvseg.data import find_samples, read_image
 from kvseg.dataset import SegmentationDataset
 from kvseg.errors import (
     CorruptImageError,
@@ -23,6 +18,7 @@ from kvseg.errors import (
     SplitError,
 )
 from kvseg.masks import MaskEncoding, read_mask
+from kvseg.splits import resolve_split, write_split
 
 
 def test_reads_official_layout(synthetic_root: Path) -> None:

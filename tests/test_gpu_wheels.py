@@ -34,11 +34,18 @@ def kvseg_requirements() -> list[str]:
 
 
 def installed_requirements() -> dict[str, list[str]]:
-    declared = {}
-    for name, version in PINS.items():
-        assert metadata.version(name) == version, f"{name}: gpu_wheels.txt pins {version}, tested here with another"
-        declared[f"{name} {version}"] = metadata.requires(name) or []
-    return declared
+    """What each pinned package declares, read from the installed copy, which must be the pinned version.
+
+    A fresh install takes each package's newest release, so a pin falls behind when one is published:
+    the tests then skip, naming the packages to re-pin (after which ``gpu_wheels.py`` re-checks the
+    downloaded wheels themselves).
+    """
+    stale = {name: (version, metadata.version(name)) for name, version in PINS.items()
+             if metadata.version(name) != version}
+    if stale:
+        pytest.skip("gpu_wheels.txt is behind this environment, re-pin: "
+                    + ", ".join(f"{name} {pin} -> {now}" for name, (pin, now) in stale.items()))
+    return {f"{name} {version}": metadata.requires(name) or [] for name, version in PINS.items()}
 
 
 def test_the_list_covers_what_its_packages_declare() -> None:

@@ -10,7 +10,8 @@ from kvseg.config import TrainConfig
 from kvseg.evaluate import EvalResult
 from kvseg.losses import LOSSES, build_loss
 from kvseg.optim import build_ema, build_optimizer, build_scheduler
-from kvseg.runs import CheckpointSaver, Progress, RunDir
+from kvseg.runs import Progress, RunDir
+from kvseg.saver import CheckpointSaver
 
 BIG = 20.0
 

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.data import find_samples, read_image, resolve_split
+from kvseg.data import find_samples, read_image
 from kvseg.masks import MaskEncoding, read_mask
+from kvseg.splits import resolve_split
 from kvseg.synthetic import write_synthetic_dataset
 
 BINARY = MaskEncoding("binary-0-255")  # the stand-in's PNG masks are 0/255

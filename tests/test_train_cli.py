@@ -46,7 +46,7 @@ def _metrics(run_dir: Path) -> dict:
 def two_process_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("runs")
     result = run(TWO_CPU_PROCESSES, "--data-dir", str(synthetic_root), "--epochs", "2", "--output-dir", str(out),
-                 "--run-name", "ddp", *TINY, cwd=out)
+                 "--run-name", "ddp", *TINY, "--set", "train.keep_every=1", cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "ddp", result
 
@@ -138,6 +138,24 @@ def test_the_test_split_never_influences_selection(two_process_run: tuple[Path, 
     events.Reload()
     assert [e.step for e in events.Scalars("val_dice")] == [1, 2]
     assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([h["train_loss"] for h in history])
+
+
+def test_learning_curve_from_the_kept_epochs(two_process_run: tuple[Path, subprocess.CompletedProcess],
+                                            tmp_path: Path) -> None:
+    run_dir, _ = two_process_run
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "learning_curve.py"), str(run_dir),
+                             "--json", str(tmp_path / "curve.json"), "--png", str(tmp_path / "curve.png")],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (entry,) = json.loads((tmp_path / "curve.json").read_text())
+    points = entry["points"]
+    assert [p["epoch"] for p in points] == [1, 2] and 0 < points[0]["training_minutes"] < points[1]["training_minutes"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    chosen = next(p for p in points if p["epoch"] == metrics["epoch"])
+    # the same scoring; training scored under its bf16 autocast, the curve in fp32
+    assert chosen["test_dice"] == pytest.approx(metrics["test"]["per_image"]["dice"], abs=2e-3)
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_one_process_evaluation_equals_two(two_process_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:

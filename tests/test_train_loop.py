@@ -7,12 +7,13 @@ import torch
 from accelerate import Accelerator
 
 from kvseg.config import load_config
-from kvseg.data import find_samples, resolve_split
+from kvseg.data import find_samples
 from kvseg.dataset import build_dataloaders, build_datasets
 from kvseg.evaluate import evaluate, torch_logits
 from kvseg.factory import prepare_model
 from kvseg.losses import build_loss
 from kvseg.optim import build_optimizer
+from kvseg.splits import resolve_split
 from kvseg.train import train_one_epoch
 
 
