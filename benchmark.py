@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from kvseg.backends import BACKENDS
+from kvseg.backends import BACKENDS, MODEL_PRECISION
 from kvseg.bench import benchmark_run
 from kvseg.bench_report import to_markdown
 from kvseg.bench_training import DEFAULT, FULL, Budget
@@ -97,9 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     budget = budget_of(args)
     console = Console()
     run = RunDir(args.run) if args.run else latest_run(args.runs_dir)
-    model_precision = {"ort-fp32": "fp32", "ort-cuda-fp32": "fp32", "ort-tensorrt": "fp32", "ort-int8": "int8",
-                       "ort-cuda-fp16": "fp16"}
-    needed = {model_precision[b] for b in args.backends if b in model_precision}
+    needed = {MODEL_PRECISION[b] for b in args.backends if b in MODEL_PRECISION}
     if any(not run.onnx(p).is_file() for p in needed):
         run.load_model()  # a missing run or checkpoint is named before anything is exported
         console.print(f"exporting ONNX models of {run} first")

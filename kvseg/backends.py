@@ -11,6 +11,9 @@ plus what the benchmark needs to time it:
 * ``ort-cuda-fp32`` / ``ort-cuda-fp16``: CUDA provider with I/O binding, so host/device copies are
   outside the timed region (their cost is reported separately).
 * ``ort-tensorrt``: TensorRT provider (fp16), when it loads.
+* ``ov-fp32`` / ``ov-bf16``: OpenVINO's CPU plugin on the same ``model.onnx``, with fp32 or bf16
+  inference precision (bf16 only on a CPU that OpenVINO lists as bf16-capable); ``ov-int8``: OpenVINO
+  on the QDQ ``model_int8.onnx``. Optional: ``pip install -e ".[openvino]"``.
 
 A provider that ONNX Runtime lists but cannot load (no CUDA libraries, wrong cuDNN) raises
 :class:`Skipped` with a one-line reason — it is never run on the CPU under its name.
@@ -31,7 +34,11 @@ from torch import nn
 from kvseg.evaluate import LogitsFn, torch_logits
 from kvseg.runtime import cpu_supports_bf16, usable_cores
 
-BACKENDS = ("torch-fp32", "torch-fast", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16", "ort-tensorrt")
+BACKENDS = ("torch-fp32", "torch-fast", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8", "ort-cuda-fp32",
+            "ort-cuda-fp16", "ort-tensorrt")
+# The exported model (its precision) that each ONNX backend reads.
+MODEL_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ov-fp32": "fp32", "ov-bf16": "fp32", "ov-int8": "int8",
+                   "ort-cuda-fp32": "fp32", "ort-cuda-fp16": "fp16", "ort-tensorrt": "fp32"}
 
 
 class Skipped(Exception):
@@ -173,6 +180,47 @@ def ort_gpu_backend(name: str, path: Path, provider: str, options: dict | None =
     return Backend(name, onnx_logits(session), timed, "cuda", provider, notes=["I/O binding"], copy_seconds=copy_seconds)
 
 
+def openvino_backend(name: str, path: Path, precision: str) -> Backend:
+    """An exported model on OpenVINO's CPU plugin, latency mode, one thread per usable core.
+
+    ``precision`` is OpenVINO's inference precision hint, ``"f32"`` or ``"bf16"`` (for a QDQ int8
+    model ``"f32"``: its quantised layers run in int8 either way).
+
+    Raises:
+        Skipped: OpenVINO is not installed, the file is missing, or bf16 is asked of a CPU without it.
+    """
+    try:
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+    except ImportError:
+        raise Skipped('OpenVINO is not installed (pip install -e ".[openvino]")') from None
+    if not path.is_file():
+        raise Skipped(f"{path} not found")
+    core = ov.Core()
+    capabilities = core.get_property("CPU", props.device.capabilities)
+    if precision == "bf16" and "BF16" not in capabilities:
+        raise Skipped(f"OpenVINO lists no bf16 on this CPU (capabilities: {', '.join(capabilities)})")
+    threads = usable_cores()
+    compiled = core.compile_model(str(path), "CPU", {
+        hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
+        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        props.inference_num_threads: threads,
+    })
+    request = compiled.create_infer_request()
+    output = compiled.output("logits")
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return request.infer({"image": batch})[output]
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.array(run(batch), dtype=np.float32))
+
+    return Backend(name, logits, lambda images: lambda: run(images), "cpu", f"OpenVINO {ov.__version__} CPU",
+                   notes=[f"{threads} threads, inference precision {precision}, LATENCY hint"])
+
+
 def build_backend(name: str, model: nn.Module, models: Callable[[str], Path]) -> Backend:
     """The backend called ``name``; ``models(precision)`` gives the ONNX file of a precision.
 
@@ -184,11 +232,13 @@ def build_backend(name: str, model: nn.Module, models: Callable[[str], Path]) ->
     if name in ("torch-fp32", "torch-fast"):
         return torch_backend(model, fast=name == "torch-fast", device=device)
     if name in ("ort-fp32", "ort-int8"):
-        return ort_cpu_backend(name, models(name.removeprefix("ort-")))
+        return ort_cpu_backend(name, models(MODEL_PRECISION[name]))
+    if name in ("ov-fp32", "ov-bf16", "ov-int8"):
+        return openvino_backend(name, models(MODEL_PRECISION[name]), "bf16" if name == "ov-bf16" else "f32")
     if name in ("ort-cuda-fp32", "ort-cuda-fp16"):
-        return ort_gpu_backend(name, models(name.removeprefix("ort-cuda-")), "CUDAExecutionProvider")
+        return ort_gpu_backend(name, models(MODEL_PRECISION[name]), "CUDAExecutionProvider")
     if name == "ort-tensorrt":
-        path = models("fp32")
+        path = models(MODEL_PRECISION[name])
         options = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
                    "trt_engine_cache_path": str(path.parent / "trt_cache")}
         return ort_gpu_backend(name, path, "TensorrtExecutionProvider", options)

@@ -54,6 +54,7 @@ class Agreement:
     mean_abs_diff: float = 0.0
     same_class: float = 1.0  # fraction of pixels on the same side of the threshold
     pixels: int = 0
+    max_abs_reference: float = 0.0  # the largest |logit| of the reference: the scale a difference is judged at
 
     def update(self, logits: torch.Tensor, reference: torch.Tensor, threshold: float) -> None:
         """Add a batch of logits and the reference's logits for the same images (any equal shapes)."""
@@ -64,6 +65,7 @@ class Agreement:
         self.mean_abs_diff = (self.mean_abs_diff * self.pixels + float(diff.sum())) / total
         self.same_class = (self.same_class * self.pixels + same) / total
         self.max_abs_diff = max(self.max_abs_diff, float(diff.max()))
+        self.max_abs_reference = max(self.max_abs_reference, float(reference.abs().max()))
         self.pixels = total
 
     def merged(self, other: Agreement) -> Agreement:
@@ -71,7 +73,8 @@ class Agreement:
         total = self.pixels + other.pixels
         return Agreement(max(self.max_abs_diff, other.max_abs_diff),
                          (self.mean_abs_diff * self.pixels + other.mean_abs_diff * other.pixels) / total,
-                         (self.same_class * self.pixels + other.same_class * other.pixels) / total, total)
+                         (self.same_class * self.pixels + other.same_class * other.pixels) / total, total,
+                         max(self.max_abs_reference, other.max_abs_reference))
 
 
 @dataclass(frozen=True)

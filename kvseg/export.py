@@ -34,7 +34,10 @@ from kvseg.onnx_model import (
 from kvseg.quantize import quantize_int8
 from kvseg.runs import RunDir, eval_datasets
 
-FP32_MAX_ABS = 1e-4  # logits; fp32 ONNX Runtime and PyTorch differ by summation order only
+# fp32 ONNX Runtime and PyTorch differ by summation order only, an error that grows with the values
+# summed: the limit is per unit of the largest |logit| of the reference (at least 1). Measured: a base-16
+# U-Net at 256 px with logits up to ~10 differed by 1.0e-4, which an absolute 1e-4 refused.
+FP32_MAX_ABS = 1e-4
 FP32_MIN_SAME_CLASS = 0.9999
 FP16_MIN_SAME_CLASS = 0.999  # fp16 rounds logits near the threshold to the other side on a few pixels
 FP16_MAX_IOU_DROP = 0.005
@@ -90,7 +93,8 @@ class Rule:
     max_iou_drop: float | None = None
 
     def describe(self) -> str:
-        parts = [f"max |logit diff| <= {self.max_abs_diff:g}" if self.max_abs_diff is not None else "",
+        parts = [f"max |logit diff| <= {self.max_abs_diff:g} x max(1, largest |logit|)" if self.max_abs_diff is not None
+                 else "",
                  f"same class on >= {self.min_same_class:.2%} of pixels" if self.min_same_class is not None else "",
                  f"test IoU drop <= {self.max_iou_drop:g}" if self.max_iou_drop is not None else ""]
         return ", ".join(p for p in parts if p)
@@ -98,8 +102,10 @@ class Rule:
     def failure(self, exported: ExportedModel) -> str | None:
         """Why ``exported`` breaks the rule, naming the numbers; None when it passes."""
         a, problems = exported.agreement, []
-        if self.max_abs_diff is not None and a.max_abs_diff > self.max_abs_diff:
-            problems.append(f"max |logit diff| {a.max_abs_diff:.3g} (limit {self.max_abs_diff:g})")
+        scale = max(1.0, a.max_abs_reference)
+        if self.max_abs_diff is not None and a.max_abs_diff > self.max_abs_diff * scale:
+            problems.append(f"max |logit diff| {a.max_abs_diff:.2e} (limit {self.max_abs_diff:g} x {scale:.3g}, "
+                            "the largest |logit|)")
         if self.min_same_class is not None and a.same_class < self.min_same_class:
             problems.append(f"same class on {a.same_class:.4%} of pixels (limit {self.min_same_class:.2%})")
         if self.max_iou_drop is not None and -exported.iou_change > self.max_iou_drop:

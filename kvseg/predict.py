@@ -1,7 +1,7 @@
 """Segment your own images and videos with a trained run or an exported ONNX model.
 
     python -m kvseg.predict --run RUN_DIR INPUTS... --out DIR [--tta] [--batch-size 8]
-    python -m kvseg.predict --onnx model.onnx INPUTS... --out DIR
+    python -m kvseg.predict --onnx model.onnx INPUTS... --out DIR [--runtime openvino]
     python -m kvseg.predict --onnx model_int8.onnx procedure.mp4 --out DIR [--save-masks] [--smooth 0.5]
 
 INPUTS are image files or folders of them. For each image, ``<stem>_mask.png`` (0/255, at the
@@ -32,7 +32,7 @@ from PIL import Image
 from rich.progress import track
 
 from kvseg.augment import build_eval_transform
-from kvseg.backends import onnx_logits, onnx_session
+from kvseg.backends import onnx_logits, onnx_session, openvino_backend
 from kvseg.checkpoint import threshold_of
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
@@ -77,21 +77,32 @@ def torch_predictor(run_dir: str | Path) -> Predictor:
     return Predictor(torch_logits(model), cfg.data.image_size, build_eval_transform(cfg.augment), threshold_of(payload))
 
 
-def onnx_predictor(path: str | Path) -> Predictor:
-    """An exported model, set up from its ``kvseg.*`` metadata alone."""
+def onnx_predictor(path: str | Path, runtime: str = "onnxruntime") -> Predictor:
+    """An exported model, set up from its ``kvseg.*`` metadata alone, run by ONNX Runtime (CPU provider)
+    or by OpenVINO's CPU plugin (``runtime="openvino"``, fp32 inference precision; int8 for a QDQ model).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or has no kvseg metadata.
+        KvsegError: ``runtime="openvino"`` and OpenVINO is not installed.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: ONNX model not found")
+    if runtime == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise KvsegError('--runtime openvino: OpenVINO is not installed (pip install -e ".[openvino]")') from None
     try:
         meta = read_metadata(path)
-        session = onnx_session(path)
-    except Exception as exc:  # onnx and onnxruntime raise their own types for a damaged file
+        logits = openvino_backend("openvino", path, "f32").logits if runtime == "openvino" else onnx_logits(onnx_session(path))
+    except Exception as exc:  # onnx, onnxruntime and openvino raise their own types for a damaged file
         raise CheckpointError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0][:160]})") from None
     missing = [key for key in ("image_size", "mean", "std", "threshold") if key not in meta]
     if missing:
         raise CheckpointError(f"{path}: no kvseg metadata ({', '.join(missing)}); expected a model written by export.py")
     transform = build_eval_transform(AugmentConfig(mean=list(meta["mean"]), std=list(meta["std"])))
-    return Predictor(onnx_logits(session), int(meta["image_size"]), transform, float(meta["threshold"]))
+    return Predictor(logits, int(meta["image_size"]), transform, float(meta["threshold"]))
 
 
 def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
@@ -156,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run folder: uses its best checkpoint")
     source.add_argument("--onnx", help="a model written by export.py (needs no checkpoint)")
+    parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                        help="what runs the --onnx model: ONNX Runtime (default) or OpenVINO (pip install -e \".[openvino]\")")
     parser.add_argument("inputs", nargs="+", help="image files or folders; video files, camera numbers, stream URLs")
     parser.add_argument("--out", required=True, help="folder for the masks and overlays")
     parser.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations/transposes")
@@ -170,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         Image.MAX_IMAGE_PIXELS = args.max_pixels or None
     videos, args.inputs = split_inputs(args.inputs)
     options = video_options(args)
-    predictor = torch_predictor(args.run) if args.run else onnx_predictor(args.onnx)
+    if args.run and args.runtime != "onnxruntime":
+        raise KvsegError("--runtime applies to --onnx models; --run uses PyTorch")
+    predictor = torch_predictor(args.run) if args.run else onnx_predictor(args.onnx, args.runtime)
     files, problems = collect_inputs(args.inputs)
     written, unreadable = predict_files(predictor, files, Path(args.out), tta=args.tta, batch_size=args.batch_size)
     if files or not videos:

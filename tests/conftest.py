@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import shutil
 import socket
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import cv2
 import numpy as np
@@ -15,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from kvseg.checkpoint import save_model_checkpoint
+from kvseg.cli import run_cli
 from kvseg.config import config_to_yaml, load_config
 from kvseg.data import find_samples
 from kvseg.dataset import build_dataloaders, build_datasets
@@ -35,6 +39,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def entry_point(name: str) -> ModuleType:
+    """The top-level script ``REPO/<name>.py`` imported as a module (not as ``__main__``: no re-exec)."""
+    spec = importlib.util.spec_from_file_location(f"kvseg_entry_{name}", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli_error(name: str, *args: str) -> str:
+    """Run entry point ``name`` with ``args`` in this process, as its ``__main__`` block does; assert exit
+    status 2 with one ``error: ...`` line on stderr (warnings aside) and return that line. The tests that
+    start the scripts as processes check the same contract once per script; this saves a start-up each."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            status = run_cli(entry_point(name).main, list(args))
+        except SystemExit as exc:  # argparse
+            status = exc.code
+    lines = [line for line in err.getvalue().strip().splitlines() if not line.startswith("warning: ")]
+    assert status == 2, err.getvalue()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err.getvalue(), err.getvalue()
+    return lines[0]
 
 
 def free_port() -> int:

@@ -30,7 +30,8 @@ def _benchmark(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def benchmarked(fresh_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run_dir = Path(shutil.copytree(fresh_run, tmp_path_factory.mktemp("bench") / "run"))
-    _benchmark(run_dir, "--train-steps", "2", "--backends", "torch-fp32,torch-fast,ort-fp32,ort-int8,ort-cuda-fp32")
+    _benchmark(run_dir, "--train-steps", "2", "--backends",
+               "torch-fp32,torch-fast,ort-fp32,ort-int8,ov-fp32,ov-bf16,ov-int8,ort-cuda-fp32")
     return run_dir, json.loads((run_dir / "benchmark.json").read_text())
 
 
@@ -39,7 +40,9 @@ def test_report_has_every_field(benchmarked: tuple[Path, dict]) -> None:
     assert FIELDS <= set(report)
     assert (run_dir / "model_int8.onnx").is_file()  # exported first, since it was missing
     assert {"cpu", "cpu_cores", "gpus", "packages", "onnxruntime_providers_listed"} <= set(report["machine"])
-    assert set(report["backends"]) == {"torch-fp32", "torch-fast", "ort-fp32", "ort-int8"}
+    assert {"torch-fp32", "torch-fast", "ort-fp32", "ort-int8", "ov-fp32", "ov-int8"} <= set(report["backends"])
+    assert set(report["backends"]) - {"ov-bf16"} == {"torch-fp32", "torch-fast", "ort-fp32", "ort-int8", "ov-fp32",
+                                                     "ov-int8"}
     for entry in report["backends"].values():
         assert [row["batch_size"] for row in entry["latency"]] == [1, 2]
         for row in entry["latency"]:
@@ -65,6 +68,18 @@ def test_unavailable_provider_is_reported_as_skipped(benchmarked: tuple[Path, di
         pytest.skip("this machine really runs the CUDA provider")
     assert "ort-cuda-fp32" in report["skipped"]
     assert "\n" not in report["skipped"]["ort-cuda-fp32"]
+
+
+def test_openvino_backends_read_the_same_onnx_files(benchmarked: tuple[Path, dict]) -> None:
+    _, report = benchmarked
+    parity = report["parity"]
+    assert abs(parity["ov-fp32"]["iou_diff_vs_torch_fp32"]) <= 1e-4 and not parity["ov-fp32"]["flagged"]
+    assert parity["ov-int8"]["pixels_differing_vs_torch_fp32"] > 0  # really the quantised model
+    assert "OpenVINO" in report["backends"]["ov-fp32"]["provider"]
+    if "ov-bf16" in report["skipped"]:  # a CPU without native bf16 says so instead of running fp32 under its name
+        assert "bf16" in report["skipped"]["ov-bf16"]
+    else:
+        assert not parity["ov-bf16"]["flagged"]
 
 
 def test_parity_comes_from_real_outputs(benchmarked: tuple[Path, dict]) -> None:

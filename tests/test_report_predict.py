@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from kvseg.cli import run_cli
+from kvseg.export import export_run
+from kvseg.predict import main as predict_main
 from kvseg.report import FIGURES
 from kvseg.tta import ALL_TRANSFORMS, DIHEDRAL, tta_logits
 
@@ -72,9 +75,7 @@ def test_flipped_prediction_maps_back_to_the_original_place() -> None:
 
 
 def test_predict_with_pytorch_and_onnx_give_the_same_masks(run_copy: Path, synthetic_root: Path, tmp_path: Path) -> None:
-    export = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "export.py"), "--run", str(run_copy)],
-                            capture_output=True, text=True, timeout=300)
-    assert export.returncode == 0, export.stderr[-2000:]
+    export_run(run_copy / "checkpoints" / "best.pt", run_copy / "model.onnx", run_dir=run_copy, log=lambda _: None)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for path in sorted((synthetic_root / "images").iterdir())[:5]:
@@ -95,6 +96,11 @@ def test_predict_with_pytorch_and_onnx_give_the_same_masks(run_copy: Path, synth
         assert set(np.unique(a)) <= {0, 255}
         assert np.mean(a != b) < 1e-4
         assert (tmp_path / "torch" / mask_path.name.replace("_mask", "_overlay")).is_file()
+    assert run_cli(predict_main, ["--onnx", str(run_copy / "model.onnx"), str(inputs), "--out", str(tmp_path / "ov"),
+                                  "--runtime", "openvino"]) == 2  # the broken input again
+    for mask_path in masks:  # OpenVINO reads the same file and gives the same masks
+        a = cv2.imread(str(tmp_path / "onnx" / mask_path.name), cv2.IMREAD_GRAYSCALE)
+        assert np.mean(a != cv2.imread(str(tmp_path / "ov" / mask_path.name), cv2.IMREAD_GRAYSCALE)) < 1e-4
     with_tta = _module("kvseg.predict", "--onnx", str(run_copy / "model.onnx"), str(inputs / "synth0000.jpg"),
                        "--out", str(tmp_path / "tta"), "--tta")
     assert with_tta.returncode == 0, with_tta.stderr

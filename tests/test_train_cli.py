@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAINING
+from conftest import REPO, TINY_TRAINING, cli_error
 from kvseg.checkpoint import load_trained_model
 from kvseg.report import FIGURES
 from kvseg.runs import RunDir
@@ -215,7 +215,7 @@ def test_a_second_process_on_a_live_run_folder_is_refused(two_process_run: tuple
     copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))
     with open(copy / ".lock", "a+") as held:  # stands for a training process still running
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        message = _error(_python("--resume", str(copy), cwd=tmp_path))
+        message = cli_error("train_ddp", "--resume", str(copy))
     assert "another training process" in message
 
 
@@ -280,30 +280,31 @@ def test_missing_data_dir_is_an_error_not_a_fallback(tmp_path: Path) -> None:
     (["--set", "train.lr=abc"], "train.lr"),
     (["--image-size", "70"], "data.image_size"),
 ])
-def test_bad_config(tmp_path: Path, args: list[str], expected: str) -> None:
-    assert expected in _error(_python(*args, cwd=tmp_path))
+def test_bad_config(tmp_path: Path, args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert expected in cli_error("train_ddp", *args)
 
 
 def test_bad_config_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  epochs: many\n")
-    message = _error(_python("--config", str(path), cwd=tmp_path))
+    message = cli_error("train_ddp", "--config", str(path))
     assert "bad.yaml" in message and "train.epochs" in message
 
 
 def test_corrupt_image_names_the_file(dataset_copy: Path, tmp_path: Path) -> None:
     broken = dataset_copy / "images" / "synth0007.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
-    message = _error(_python("--data-dir", str(dataset_copy), "--epochs", "1", "--output-dir", str(tmp_path / "runs"),
-                             *TINY, cwd=tmp_path))
+    message = cli_error("train_ddp", "--data-dir", str(dataset_copy), "--epochs", "1", "--output-dir",
+                        str(tmp_path / "runs"), *TINY)
     assert "synth0007.jpg" in message and "cannot decode" in message
 
 
 def test_resume_errors(two_process_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
     run_dir, _ = two_process_run
-    assert "not a run folder" in _error(_python("--resume", str(tmp_path), cwd=tmp_path))
+    assert "not a run folder" in cli_error("train_ddp", "--resume", str(tmp_path))
     copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))
-    message = _error(_python("--resume", str(copy), "--set", "model.base_channels=16", cwd=tmp_path))
+    message = cli_error("train_ddp", "--resume", str(copy), "--set", "model.base_channels=16")
     assert "cannot resume" in message
     shutil.rmtree(copy / "checkpoints" / "state")
-    assert "no checkpoint to resume from" in _error(_python("--resume", str(copy), cwd=tmp_path))
+    assert "no checkpoint to resume from" in cli_error("train_ddp", "--resume", str(copy))
