@@ -87,8 +87,9 @@ def load_model_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint ({reason}); expected a kvseg .pt file") from None
+        # torch's own message suggests weights_only=False: never for a file of unknown origin, so it is not shown
+        raise CheckpointError(f"{path}: cannot read checkpoint (not a PyTorch file of tensors and plain values: "
+                              f"{type(exc).__name__}); expected a kvseg .pt file") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a kvseg checkpoint (expected format {CHECKPOINT_FORMAT})")
     return payload

@@ -102,8 +102,9 @@ def export_model(
     onnx_model = program.model_proto
     written = opset_of(onnx_model)
     if written != opset:
-        raise ExportError(f"{path.name}: opset {opset} cannot be honoured: torch's exporter wrote opset {written} "
-                          f"(it converts down only where its converter can); pass --opset {written} or newer")
+        hint = "it converts down only where its converter can" if opset < written else "it writes no newer opset"
+        raise ExportError(f"{path.name.removesuffix('.tmp')}: opset {opset} cannot be honoured: torch's exporter wrote "
+                          f"opset {written} ({hint}); pass --opset {written}")
     _name_dynamic_axes(onnx_model, dynamic_hw)
     onnx.save(onnx_model, path)
 

@@ -36,7 +36,7 @@ from kvseg.backends import onnx_logits, onnx_session, openvino_backend
 from kvseg.checkpoint import threshold_of
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
-from kvseg.data import IMAGE_EXTENSIONS, read_image, resize_image
+from kvseg.data import COMMON_EXTENSIONS, IMAGE_EXTENSIONS, read_image, resize_image
 from kvseg.errors import CheckpointError, ImageTooLargeError, KvsegError
 from kvseg.evaluate import LogitsFn, torch_logits
 from kvseg.onnx_model import read_metadata
@@ -110,8 +110,11 @@ def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     files, problems = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            if not found:
+                problems.append(f"{path} (a folder with no images: expected {', '.join(COMMON_EXTENSIONS)} ... files)")
+            files += found
         elif path.is_file():
             files.append(path)
         else:

@@ -255,7 +255,7 @@ def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) 
     """``output_dir/run_name`` (a time stamp when empty), the same on every process.
 
     Raises:
-        CheckpointError: the folder already holds a run that can be resumed.
+        CheckpointError: the folder already holds a run that can be resumed, or it cannot be made.
     """
     name = [run_name or datetime.now().strftime("%Y%m%d-%H%M%S")]
     broadcast_object_list(name)
@@ -263,7 +263,13 @@ def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) 
     if accelerator.is_main_process:
         if run.last.is_file() or (run.checkpoints / "state").is_dir():
             raise CheckpointError(f"{run}: run folder already holds checkpoints; use --resume {run} or another name")
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        try:
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            blocking = next((p for p in run.checkpoints.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocking} is a file, not a folder" if blocking else (exc.strerror or str(exc))
+            raise CheckpointError(f"{run}: cannot create the run folder here ({why}); expected --output-dir to be "
+                                  "a folder that can be written") from None
     accelerator.wait_for_everyone()
     return run
 

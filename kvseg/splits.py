@@ -33,7 +33,13 @@ class Split:
 
 
 def read_split_file(path: Path, known: dict[str, Sample]) -> list[str]:
-    ids = []
+    """The ids listed in a split file (one per line; a file name's extension is dropped).
+
+    Raises:
+        SplitError: an id has no image, or an id is listed twice (it would be trained or scored twice),
+            naming the file and line.
+    """
+    ids: dict[str, int] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         name = line.strip()
         if not name:
@@ -42,8 +48,10 @@ def read_split_file(path: Path, known: dict[str, Sample]) -> list[str]:
             name = Path(name).stem
         if name not in known:
             raise SplitError(f"{path}:{number}: id '{name}' has no image in images/ (expected ids of existing files)")
-        ids.append(name)
-    return ids
+        if name in ids:
+            raise SplitError(f"{path}:{number}: id '{name}' is listed twice (also on line {ids[name]}; expected each id once)")
+        ids[name] = number
+    return list(ids)
 
 
 def carve_validation(train: list[str], seed: int, fraction: float) -> tuple[list[str], list[str]]:

@@ -114,6 +114,14 @@ def test_split_file_with_unknown_id(dataset_copy: Path) -> None:
         resolve_split(dataset_copy, find_samples(dataset_copy), seed=0, test_fraction=0.2)
 
 
+def test_an_id_listed_twice_is_refused(dataset_copy: Path) -> None:
+    first_train = (dataset_copy / "train.txt").read_text().split()[0]
+    with (dataset_copy / "train.txt").open("a") as f:
+        f.write(first_train + "\n")  # it would be trained twice per epoch, or land in train and validation
+    with pytest.raises(SplitError, match=rf"train.txt:\d+: id '{first_train}' is listed twice \(also on line 1"):
+        resolve_split(dataset_copy, find_samples(dataset_copy), seed=0, test_fraction=0.2)
+
+
 def test_split_overlap_is_refused(dataset_copy: Path) -> None:
     first_train = (dataset_copy / "train.txt").read_text().split()[0]
     with (dataset_copy / "test.txt").open("a") as f:

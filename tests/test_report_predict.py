@@ -101,6 +101,9 @@ def test_predict_with_pytorch_and_onnx_give_the_same_masks(run_copy: Path, synth
     for mask_path in masks:  # OpenVINO reads the same file and gives the same masks
         a = cv2.imread(str(tmp_path / "onnx" / mask_path.name), cv2.IMREAD_GRAYSCALE)
         assert np.mean(a != cv2.imread(str(tmp_path / "ov" / mask_path.name), cv2.IMREAD_GRAYSCALE)) < 1e-4
+    (tmp_path / "empty").mkdir()
+    assert run_cli(predict_main, ["--onnx", str(run_copy / "model.onnx"), str(tmp_path / "empty"), "--out",
+                                  str(tmp_path / "none")]) == 2  # a folder with no images is not a success
     with_tta = _module("kvseg.predict", "--onnx", str(run_copy / "model.onnx"), str(inputs / "synth0000.jpg"),
                        "--out", str(tmp_path / "tta"), "--tta")
     assert with_tta.returncode == 0, with_tta.stderr

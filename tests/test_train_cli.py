@@ -292,6 +292,13 @@ def test_bad_config_file(tmp_path: Path) -> None:
     assert "bad.yaml" in message and "train.epochs" in message
 
 
+def test_an_output_dir_under_a_file_is_one_line(synthetic_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    message = cli_error("train_ddp", "--data-dir", str(synthetic_root), "--output-dir", str(tmp_path / "a_file" / "x"),
+                        "--epochs", "1", *TINY)
+    assert "cannot create the run folder" in message and "a_file is a file, not a folder" in message
+
+
 def test_corrupt_image_names_the_file(dataset_copy: Path, tmp_path: Path) -> None:
     broken = dataset_copy / "images" / "synth0007.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
