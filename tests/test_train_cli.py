@@ -158,6 +158,7 @@ def test_learning_curve_from_the_kept_epochs(two_process_run: tuple[Path, subpro
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # about 20-70 s each on two cores; run with -m slow before a release
 def test_one_process_evaluation_equals_two(two_process_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:
     run_dir, _ = two_process_run
     copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))
@@ -173,6 +174,7 @@ def test_one_process_evaluation_equals_two(two_process_run: tuple[Path, subproce
     assert one["roc_auc"] == pytest.approx(two["roc_auc"], abs=1e-6)
 
 
+@pytest.mark.slow  # about 20-70 s each on two cores; run with -m slow before a release
 def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_root: Path, tmp_path: Path) -> None:
     args = ["--data-dir", str(synthetic_root), "--epochs", "3", "--output-dir", str(tmp_path), "--batch-size", "2",
             *TINY[2:]]
@@ -240,6 +242,7 @@ def test_state_left_by_a_crashed_swap_is_still_found(tmp_path: Path) -> None:
     assert RunDir(tmp_path / "run").state_dir() == checkpoints / "state.old"
 
 
+@pytest.mark.slow  # about 20-70 s each on two cores; run with -m slow before a release
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root: Path, tmp_path: Path) -> None:
     first = _python("--data-dir", str(synthetic_root), "--epochs", "1", "--output-dir", str(tmp_path),
                     "--run-name", "run", "--set", "eval.tta=[]", *TINY, cwd=tmp_path)
