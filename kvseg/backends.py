@@ -73,12 +73,16 @@ def onnx_session(path: str | Path, providers: list | None = None, threads: int |
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
+def host_batch(images: torch.Tensor) -> np.ndarray:
+    """A (B, 3, H, W) tensor as the contiguous float32 NumPy array an ONNX runtime takes."""
+    return np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+
+
 def onnx_logits(session: ort.InferenceSession) -> LogitsFn:
     """The logits function of an exported model (input ``image``, output ``logits``)."""
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        batch = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(session.run(["logits"], {"image": batch})[0])
+        return torch.from_numpy(session.run(["logits"], {"image": host_batch(images)})[0])
 
     return logits
 
@@ -214,8 +218,7 @@ def openvino_backend(name: str, path: Path, precision: str) -> Backend:
         return request.infer({"image": batch})[output]
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        batch = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(np.array(run(batch), dtype=np.float32))
+        return torch.from_numpy(np.array(run(host_batch(images)), dtype=np.float32))
 
     return Backend(name, logits, lambda images: lambda: run(images), "cpu", f"OpenVINO {ov.__version__} CPU",
                    notes=[f"{threads} threads, inference precision {precision}, LATENCY hint"])

@@ -32,7 +32,7 @@ from kvseg.onnx_model import (
     write_metadata,
 )
 from kvseg.quantize import quantize_int8
-from kvseg.runs import RunDir, eval_datasets
+from kvseg.runs import RunDir, blocking_file, eval_datasets
 
 # fp32 ONNX Runtime and PyTorch differ by summation order only, an error that grows with the values
 # summed: the limit is per unit of the largest |logit| of the reference (at least 1). Measured: a base-16
@@ -125,7 +125,7 @@ def rules() -> dict[str, Rule]:
 
 def check_writable(path: Path) -> None:
     """Make ``path``'s folder and prove a file can be written there, before minutes of export."""
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocking = blocking_file(path)
     if blocking is not None:
         raise KvsegError(f"{path}: cannot write the model here ({blocking} is a file, not a folder)")
     try:

@@ -32,7 +32,7 @@ from PIL import Image
 from rich.progress import track
 
 from kvseg.augment import build_eval_transform
-from kvseg.backends import onnx_logits, onnx_session, openvino_backend
+from kvseg.backends import Skipped, onnx_logits, onnx_session, openvino_backend
 from kvseg.checkpoint import threshold_of
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
@@ -88,14 +88,11 @@ def onnx_predictor(path: str | Path, runtime: str = "onnxruntime") -> Predictor:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: ONNX model not found")
-    if runtime == "openvino":
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            raise KvsegError('--runtime openvino: OpenVINO is not installed (pip install -e ".[openvino]")') from None
     try:
         meta = read_metadata(path)
         logits = openvino_backend("openvino", path, "f32").logits if runtime == "openvino" else onnx_logits(onnx_session(path))
+    except Skipped as reason:  # OpenVINO not installed
+        raise KvsegError(f"--runtime openvino: {reason}") from None
     except Exception as exc:  # onnx, onnxruntime and openvino raise their own types for a damaged file
         raise CheckpointError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0][:160]})") from None
     missing = [key for key in ("image_size", "mean", "std", "threshold") if key not in meta]

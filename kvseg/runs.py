@@ -236,6 +236,11 @@ class RunDir:
         return eval_datasets(cfg, self, data_dir)
 
 
+def blocking_file(path: Path) -> Path | None:
+    """The first parent of ``path`` that exists and is a file, which stops ``path`` being made; None if none."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def eval_datasets(cfg: Config, run: RunDir | None, data_dir: str | Path | None = None) -> dict[str, SegmentationDataset]:
     """A run's train, validation and test images through the eval pipeline (no random augmentation), by split.
 
@@ -266,7 +271,7 @@ def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) 
         try:
             run.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            blocking = next((p for p in run.checkpoints.parents if p.exists() and not p.is_dir()), None)
+            blocking = blocking_file(run.checkpoints)
             why = f"{blocking} is a file, not a folder" if blocking else (exc.strerror or str(exc))
             raise CheckpointError(f"{run}: cannot create the run folder here ({why}); expected --output-dir to be "
                                   "a folder that can be written") from None
