@@ -5,6 +5,7 @@
     python benchmark.py --run runs/NAME --batch-sizes 1,8 --iters 50 --warmup 10
     python benchmark.py --backends torch-fp32,ort-fp32,ort-int8 --train-steps 0 --json bench.json
     python benchmark.py --run runs/NAME --backends ort-fp32,ort-int8 --train-steps 0 --video   # + 720p video row
+    python benchmark.py --run runs/NAME --backends torch-fp32 --train-steps 0 --loader-seconds 0   # latency, parity
 
 Exports the run's ONNX models first when they are missing. Prints the tables and writes
 RUN_DIR/benchmark.json and RUN_DIR/benchmark.md (plus --json / --markdown copies).
@@ -69,6 +70,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="timed training steps per loop (default: sized to about 15 s; --full 60 s); 0: skip training")
     parser.add_argument("--video", type=int, nargs="?", const=250, default=0, metavar="FRAMES",
                         help="add the end-to-end video row: a 720p clip of FRAMES frames (default 250) per backend")
+    parser.add_argument("--loader-seconds", type=float,
+                        help="data loading alone (images/s per worker at the run's size and 512, with and without the "
+                             "disk cache): seconds per measurement (default 2; --full 6); 0: skip")
     parser.add_argument("--data-dir", help="dataset folder, when it moved since training")
     parser.add_argument("--json", help="also write the JSON report here")
     parser.add_argument("--markdown", help="also write the Markdown report here")
@@ -83,6 +87,8 @@ def budget_of(args: argparse.Namespace) -> Budget:
         budget = replace(budget, min_iters=args.iters, max_iters=args.iters)
     if args.warmup is not None:
         budget = replace(budget, warmup_steps=args.warmup)
+    if args.loader_seconds is not None:
+        budget = replace(budget, loader_seconds=args.loader_seconds)
     if args.train_steps:
         budget = replace(budget, train_seconds=0.0, min_steps=args.train_steps,
                          phase_steps=min(budget.phase_steps, args.train_steps),
@@ -92,8 +98,9 @@ def budget_of(args: argparse.Namespace) -> Budget:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if (args.iters is not None and args.iters < 1) or min(args.warmup or 0, args.train_steps or 0, args.video) < 0:
-        raise KvsegError("--iters must be at least 1, --warmup, --train-steps and --video at least 0")
+    if (args.iters is not None and args.iters < 1) or min(args.warmup or 0, args.train_steps or 0, args.video,
+                                                          args.loader_seconds or 0) < 0:
+        raise KvsegError("--iters must be at least 1, --warmup, --train-steps, --video and --loader-seconds at least 0")
     budget = budget_of(args)
     console = Console()
     run = RunDir(args.run) if args.run else latest_run(args.runs_dir)
@@ -105,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    data_dir=args.data_dir, log=console.print)
     report = benchmark_run(run, args.backends, args.batch_sizes, budget, train=args.train_steps != 0,
                            data_dir=args.data_dir, log=lambda line: console.print(f"[dim]{line}[/dim]"),
-                           video_frames=args.video)
+                           video_frames=args.video, loader=budget.loader_seconds > 0)
     markdown = to_markdown(report)
     console.print(Markdown(markdown))
     for json_path in [run.benchmark_json, *([Path(args.json)] if args.json else [])]:

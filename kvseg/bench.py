@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kvseg.backends import Backend, Skipped, build_backend
+from kvseg.bench_loader import measure_loader
 from kvseg.bench_training import DEFAULT, Budget, history_summary, measure_training
 from kvseg.bench_video import measure_run_video
 from kvseg.checkpoint import threshold_of
@@ -110,11 +111,12 @@ def benchmark_run(
     data_dir: str | None = None,
     log: Callable[[str], None] = print,
     video_frames: int = 0,
+    loader: bool = True,
 ) -> dict:
     """Latency, parity and (with ``train``) training speed for ``run``; returns the report dict (see the README).
 
-    ``budget`` sizes every measurement. With ``video_frames``, also the end-to-end video row
-    (:mod:`kvseg.bench_video`).
+    ``budget`` sizes every measurement. With ``loader``, also data loading alone
+    (:mod:`kvseg.bench_loader`); with ``video_frames``, the end-to-end video row (:mod:`kvseg.bench_video`).
     """
     model, cfg, payload = run.load_model()
     datasets = run.eval_datasets(cfg, data_dir)
@@ -144,6 +146,9 @@ def benchmark_run(
     if train:
         report["training"] = measure_training(cfg, datasets["train"], budget, log)
     report["training_history"] = history_summary(run.history)
+    if loader:
+        train_set = datasets["train"]
+        report["loader"] = measure_loader(cfg, train_set.samples, train_set.encoding, budget.loader_seconds, log=log)
     if video_frames > 0:
         report["video"] = measure_run_video(loaded, cfg, datasets["test"], video_frames, threshold_of(payload), log)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvseg.bench_loader import loader_markdown
 from kvseg.bench_video import video_markdown
 
 
@@ -50,7 +51,7 @@ def to_markdown(report: dict) -> str:
                   f"U-Net base {training['base_channels']}, {training['image_size']}x{training['image_size']}, "
                   f"batch {training['batch_size']}, {training['steps']} timed steps on {training['device']}; "
                   f"harness: {training['mixed_precision']} autocast, channels_last, {training['num_workers']} worker(s), "
-                  "cached data; the study's image size and width are not given.", "",
+                  f"data from {training.get('data_source', 'a cache')}; the study's image size and width are not given.", "",
                   "| loop | images/s | projected s per 472-image epoch | speedup vs 300 s |",
                   "| --- | ---: | ---: | ---: |"]
         for key, label in (("plain_fp32_nchw", "plain fp32 NCHW"), ("harness", "kvseg harness")):
@@ -66,6 +67,8 @@ def to_markdown(report: dict) -> str:
             f"images/s, {history['median_epoch_s']:.1f} s per epoch; projected {history['projected_epoch_s']:.1f} s "
             f"per 472-image epoch ({history['speedup_vs_study']:.1f}x the study)."
         )
+    if report.get("loader"):
+        lines += loader_markdown(report["loader"])
     if report.get("video"):
         lines += video_markdown(report["video"])
     return "\n".join(lines) + "\n"

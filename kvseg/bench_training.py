@@ -30,6 +30,7 @@ from kvseg.losses import build_loss
 from kvseg.masks import MaskEncoding
 from kvseg.model import build_model
 from kvseg.optim import build_optimizer
+from kvseg.preprocessed import PreprocessedFrames
 from kvseg.runtime import resolve_mixed_precision
 from kvseg.train import PHASES, PhaseTimer, train_one_epoch
 
@@ -55,6 +56,7 @@ class Budget:
     warm_up_a_whole_epoch: bool = False  # fills the decoded-image cache first, as epoch 1 of a run does
     phase_steps: int = 4
     profile_steps: int = 3
+    loader_seconds: float = 2.0  # per image size, source and worker count (kvseg.bench_loader)
 
     def iters(self, seconds_per_call: float) -> int:
         return min(self.max_iters, max(self.min_iters, math.ceil(self.latency_seconds / max(seconds_per_call, 1e-6))))
@@ -65,7 +67,7 @@ class Budget:
 
 DEFAULT = Budget()
 FULL = Budget(latency_seconds=8.0, min_iters=20, max_iters=200, train_seconds=60.0, min_steps=20, warmup_steps=5,
-              warm_up_a_whole_epoch=True, phase_steps=10, profile_steps=5)
+              warm_up_a_whole_epoch=True, phase_steps=10, profile_steps=5, loader_seconds=6.0)
 
 
 def plain_images_per_s(cfg: Config, samples: list[Sample], encoding: MaskEncoding, budget: Budget, device: str) -> float:
@@ -106,7 +108,8 @@ def _cycle(loader: DataLoader):
 class Harness:
     """The training loop as ``train_ddp.py`` sets it up (precision, channels_last, workers, cache), in one process."""
 
-    def __init__(self, cfg: Config, samples: list[Sample], encoding: MaskEncoding) -> None:
+    def __init__(self, cfg: Config, samples: list[Sample], encoding: MaskEncoding,
+                 frames: PreprocessedFrames | None = None) -> None:
         gpu = torch.cuda.is_available()
         precision = resolve_mixed_precision("auto")
         if gpu and precision == "no" and torch.cuda.is_bf16_supported():
@@ -116,7 +119,7 @@ class Harness:
         model = prepare_model(cfg, self.accelerator)
         optimizer, self.loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)
         dataset = SegmentationDataset(samples, cfg.data.image_size, build_train_transform(cfg.augment),
-                                      encoding, cache=cfg.data.cache, seed=0)
+                                      encoding, cache=cfg.data.cache != "off", seed=0, frames=frames)
         loader = build_dataloaders(cfg, {"train": dataset}, pin_memory=gpu)["train"]
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.epoch = 0
@@ -135,7 +138,8 @@ class Harness:
 
     def settings(self) -> dict:
         return {"mixed_precision": self.accelerator.mixed_precision, "num_workers": self.loader.num_workers,
-                "device": str(self.accelerator.device), "torch_threads": torch.get_num_threads()}
+                "device": str(self.accelerator.device), "torch_threads": torch.get_num_threads(),
+                "data_source": self.loader.dataset.source}
 
 
 def phase_split(harness: Harness, steps: int) -> dict:
@@ -181,7 +185,7 @@ def measure_training(cfg: Config, train_set: SegmentationDataset, budget: Budget
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plain = plain_images_per_s(cfg, train_set.samples, train_set.encoding, budget, device)
     log(f"plain fp32 NCHW loop: {plain:.2f} images/s")
-    harness = Harness(cfg, train_set.samples, train_set.encoding)
+    harness = Harness(cfg, train_set.samples, train_set.encoding, train_set.frames)
     harness.run(len(harness.loader) if budget.warm_up_a_whole_epoch else budget.warmup_steps)
     images, seconds = harness.run(1)
     steps = budget.steps(seconds)

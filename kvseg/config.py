@@ -33,7 +33,8 @@ class DataConfig:
     test_fraction: float = 0.2  # used only when the folder has no train.txt / test.txt
     val_fraction: float = 0.15  # of the training ids, drawn by split_seed, when the folder has no val.txt; 0: none
     split_seed: int = 0
-    cache: bool = True  # keep decoded, resized images in shared memory after first read
+    cache: str = "disk"  # decoded, resized pairs: "disk" (kept across runs, kvseg.preprocessed), "memory" (one run), "off"
+    cache_dir: str = ""  # where "disk" keeps them; empty: $KVSEG_CACHE_DIR, else ~/.cache/kvseg (never the data folder)
     num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per process (at least 1)
     # The synthetic stand-in written when ``root`` does not exist and no data dir was given.
     synthetic_images: int = 240
@@ -116,6 +117,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.cache": ("disk", "memory", "off"),
     "data.mask_encoding": ("auto", "binary-0-255", "binary-0-1", "labels", "palette"),  # kvseg.masks.ENCODINGS
     "model.upsample": ("transpose", "bilinear"),
     "train.optimizer": ("adam", "adamw"),
@@ -135,6 +137,8 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 
 
 def _validate(cfg: Config) -> None:
+    legacy_cache = {"True": "memory", "true": "memory", "False": "off", "false": "off"}  # data.cache was a bool
+    cfg.data.cache = legacy_cache.get(cfg.data.cache, cfg.data.cache)
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

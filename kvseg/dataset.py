@@ -1,13 +1,19 @@
-"""The PyTorch side of a dataset: :class:`SegmentationDataset` with its shared cache, and the loaders.
+"""The PyTorch side of a dataset: :class:`SegmentationDataset`, its caches, and the loaders.
 
 A dataset reads image/mask pairs found by :mod:`kvseg.data`, resizes them, runs an albumentations
 pipeline from :mod:`kvseg.augment` and returns tensors; :func:`build_dataloaders` makes the
 train / evaluation loaders of a run with the worker policy of :mod:`kvseg.runtime`.
+
+Decoded, resized pairs come from one of three places (``data.cache``): ``disk``, the persistent
+memory-mapped cache of :mod:`kvseg.preprocessed` (decoded once per folder and size, then read by
+every later run); ``memory``, shared memory filled by the workers during a run's first epoch; or
+``off``, decoding every read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,10 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from kvseg.augment import build_eval_transform, build_train_transform
 from kvseg.config import Config, DataConfig
-from kvseg.data import Sample, read_image, resize_pair
+from kvseg.data import Sample
 from kvseg.encodings import dataset_encoding
-from kvseg.errors import CorruptImageError, EmptyDatasetError
-from kvseg.masks import MaskEncoding, read_mask
+from kvseg.errors import EmptyDatasetError
+from kvseg.masks import MaskEncoding
+from kvseg.preprocessed import CacheUnavailable, PreprocessedFrames, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.runtime import default_num_workers, single_threaded_opencv
 
 
@@ -31,9 +38,14 @@ class SegmentationDataset(Dataset):
     Masks are read through ``encoding``, the dataset's one mask encoding (:mod:`kvseg.masks`); pass
     the encoding decided for the whole folder. None decides it from these samples' masks alone.
 
-    With ``cache=True`` the decoded, resized uint8 arrays live in shared memory, allocated once in
-    the process that builds the dataset: DataLoader workers fill it on first read and every worker,
-    in every later epoch, reads from the same memory instead of decoding again.
+    With ``frames`` (an entry of the on-disk cache holding every sample's id, at ``image_size``) the
+    decoded arrays are read from there. Otherwise, with ``cache=True`` they live in shared memory,
+    allocated once in the process that builds the dataset: DataLoader workers fill it on first read
+    and every worker, in every later epoch, reads from the same memory instead of decoding again.
+
+    Raises:
+        EmptyDatasetError: ``samples`` is empty.
+        ValueError: ``frames`` was made at another size or lacks one of the samples.
 
     Random augmentations are seeded per sample from ``(seed, epoch, index)``, so they are
     reproducible for a seed, differ across epochs, workers and processes, and do not depend on the
@@ -48,9 +60,13 @@ class SegmentationDataset(Dataset):
         encoding: MaskEncoding | None = None,
         cache: bool = False,
         seed: int = 0,
+        frames: PreprocessedFrames | None = None,
     ) -> None:
         if not samples:
             raise EmptyDatasetError("dataset split is empty; expected at least one image")
+        if frames is not None and (frames.image_size != image_size or not all(s.id in frames for s in samples)):
+            raise ValueError(f"{frames.folder}: cache entry does not hold every sample at {image_size} px")
+        self.frames = frames
         self.samples = list(samples)
         self.image_size = image_size
         self.transform = transform
@@ -58,7 +74,7 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        if cache:
+        if cache and frames is None:
             n, s = len(self.samples), image_size
             self._cache = (
                 torch.empty((n, s, s, 3), dtype=torch.uint8).share_memory_(),
@@ -69,23 +85,22 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def source(self) -> str:
+        """Where decoded pairs come from: ``disk cache``, ``shared memory`` (filled on first read) or ``decoding``."""
+        return "disk cache" if self.frames is not None else "shared memory" if self._cache is not None else "decoding"
+
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch``; call before iterating a DataLoader over it."""
         self._epoch.fill_(epoch)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded, resized uint8 image (S, S, 3) and {0, 1} mask (S, S), from the cache when filled."""
+        """Decoded, resized uint8 image (S, S, 3) and {0, 1} mask (S, S), from a cache when it holds them."""
+        if self.frames is not None:
+            return self.frames.pair(self.samples[index].id)
         if self._cache is not None and bool(self._cache[2][index]):
             return self._cache[0][index].numpy(), self._cache[1][index].numpy()
-        sample = self.samples[index]
-        image = read_image(sample.image)
-        mask = read_mask(sample.mask, self.encoding)
-        if image.shape[:2] != mask.shape[:2]:
-            raise CorruptImageError(
-                f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{image.shape[1]}x{image.shape[0]}; expected the same size"
-            )
-        image, mask = resize_pair(image, mask, self.image_size)
+        image, mask = decode_pair(self.samples[index], self.image_size, self.encoding)
         if self._cache is not None:
             self._cache[0][index] = torch.from_numpy(image)
             self._cache[1][index] = torch.from_numpy(mask)
@@ -107,18 +122,40 @@ class SegmentationDataset(Dataset):
         return out["image"], torch.as_tensor(out["mask"], dtype=torch.uint8)[None], index
 
 
-def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], cache: bool | None = None,
-                   ) -> dict[str, SegmentationDataset]:
-    """One dataset per named split: ``train`` with the random training pipeline, the others with the eval one.
+def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskEncoding,
+                   log: Callable[[str], None] = print) -> PreprocessedFrames | None:
+    """The on-disk cache entry of every sample when ``data.cache`` is ``disk``, else None.
 
-    Masks are read with ``data.mask_encoding``; under ``auto`` it is decided here from every mask in ``samples``.
+    Where the entry cannot be written, says so in one line and returns None (the run decodes
+    into shared memory instead).
+
+    Raises:
+        ConfigError: ``data.cache_dir`` is inside the data folder.
+    """
+    if data.cache != "disk" or not samples:
+        return None
+    cache_dir = resolve_cache_dir(data.cache_dir, Path(next(iter(samples.values())).image).resolve().parents[1])
+    try:
+        return open_or_build(list(samples.values()), data.image_size, encoding, cache_dir, log)
+    except CacheUnavailable as reason:
+        log(f"note: no on-disk cache ({reason}); decoding into shared memory during the first epoch instead")
+        return None
+
+
+def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], augment: Sequence[str] = ("train",),
+                   log: Callable[[str], None] = print) -> dict[str, SegmentationDataset]:
+    """One dataset per named split: those in ``augment`` with the random training pipeline, the others with the eval one.
+
+    Masks are read with ``data.mask_encoding``; under ``auto`` it is decided here from every mask in
+    ``samples``. Pairs are read through ``data.cache`` (see the module docstring).
     """
     encoding = dataset_encoding(cfg.data, [sample.mask for sample in samples.values()])
-    common = dict(image_size=cfg.data.image_size, encoding=encoding, cache=cfg.data.cache if cache is None else cache)
+    frames = dataset_frames(cfg.data, samples, encoding, log)
+    common = dict(image_size=cfg.data.image_size, encoding=encoding, cache=cfg.data.cache != "off", frames=frames)
     return {
         name: SegmentationDataset(
             [samples[i] for i in ids],
-            transform=build_train_transform(cfg.augment) if name == "train" else build_eval_transform(cfg.augment),
+            transform=build_train_transform(cfg.augment) if name in augment else build_eval_transform(cfg.augment),
             seed=cfg.train.seed, **common,
         )
         for name, ids in split.items()

@@ -64,7 +64,8 @@ def build_training(cfg: Config, split: Split, accelerator: Accelerator) -> Train
     """
     model = prepare_model(cfg, accelerator)
     optimizer = build_optimizer(model, cfg.train)
-    datasets = build_datasets(cfg, find_samples(cfg.data.root), dict(split.items()))
+    with accelerator.local_main_process_first():  # one process per machine fills the disk cache; the others read it
+        datasets = build_datasets(cfg, find_samples(cfg.data.root), dict(split.items()), log=accelerator.print)
     loaders = build_dataloaders(cfg, datasets, accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))

@@ -25,12 +25,10 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from kvseg.augment import build_eval_transform
 from kvseg.checkpoint import json_safe, load_trained_model, write_json_atomic
 from kvseg.config import Config, config_to_yaml, load_config
 from kvseg.data import find_samples
-from kvseg.dataset import SegmentationDataset
-from kvseg.encodings import dataset_encoding
+from kvseg.dataset import SegmentationDataset, build_datasets
 from kvseg.errors import CheckpointError
 from kvseg.evaluate import EvalResult
 from kvseg.model import UNet
@@ -251,9 +249,7 @@ def eval_datasets(cfg: Config, run: RunDir | None, data_dir: str | Path | None =
     samples = find_samples(root)
     split = run.split(cfg, root) if run is not None else resolve_split(
         root, samples, cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
-    common = dict(image_size=cfg.data.image_size, transform=build_eval_transform(cfg.augment),
-                  encoding=dataset_encoding(cfg.data, [sample.mask for sample in samples.values()]))
-    return {name: SegmentationDataset([samples[i] for i in ids], **common) for name, ids in split.items()}
+    return build_datasets(cfg, samples, dict(split.items()), augment=())
 
 
 def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) -> RunDir:

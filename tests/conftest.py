@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -70,6 +71,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The on-disk frame cache of every test (and process it starts) lives in the session's temporary folder."""
+    os.environ["KVSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvseg-cache"))
 
 
 @pytest.fixture(scope="session")

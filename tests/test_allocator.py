@@ -61,7 +61,8 @@ def test_the_process_replaces_itself_once_and_the_switch_turns_it_off() -> None:
 def test_a_training_run_records_its_allocator(fresh_run: Path, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--run", str(fresh_run), "--backends",
                              "torch-fp32", "--batch-sizes", "1", "--iters", "1", "--warmup", "0", "--train-steps", "0",
-                             "--json", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300,
+                             "--loader-seconds", "0", "--json", str(tmp_path / "b.json")],
+                            capture_output=True, text=True, timeout=300,
                             env={**os.environ, ENV: "glibc"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "b.json").read_text())["machine"]["allocator"].startswith("glibc")

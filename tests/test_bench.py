@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from conftest import REPO
 
 FIELDS = {"run", "machine", "model", "image_size", "backends", "skipped", "providers_used", "parity", "flagged",
-          "training", "training_history"}
+          "training", "training_history", "loader"}
 
 
 def _benchmark(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -30,7 +30,7 @@ def _benchmark(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def benchmarked(fresh_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run_dir = Path(shutil.copytree(fresh_run, tmp_path_factory.mktemp("bench") / "run"))
-    _benchmark(run_dir, "--train-steps", "2", "--backends",
+    _benchmark(run_dir, "--train-steps", "2", "--loader-seconds", "0.1", "--backends",
                "torch-fp32,torch-fast,ort-fp32,ort-int8,ov-fp32,ov-bf16,ov-int8,ort-cuda-fp32")
     return run_dir, json.loads((run_dir / "benchmark.json").read_text())
 
@@ -60,6 +60,8 @@ def test_report_has_every_field(benchmarked: tuple[Path, dict]) -> None:
     assert any("convolution" in name for name in operators)  # the U-Net's own work shows at the top
     markdown = (run_dir / "benchmark.md").read_text()
     assert "| ort-int8 | 2 |" in markdown and "Training speed" in markdown and "| backward |" in markdown
+    assert [entry["image_size"] for entry in report["loader"]["sizes"]] == [report["image_size"], 512]
+    assert "| 512 | disk cache | 1 |" in markdown and training["data_source"] == "disk cache"
 
 
 def test_unavailable_provider_is_reported_as_skipped(benchmarked: tuple[Path, dict]) -> None:
@@ -99,7 +101,7 @@ def test_perturbed_onnx_model_is_flagged(benchmarked: tuple[Path, dict], tmp_pat
     perturbed = numpy_helper.to_array(head_bias) + np.float32(2.0)  # shifts every logit: changes the masks
     head_bias.CopyFrom(numpy_helper.from_array(perturbed, head_bias.name))
     onnx.save(model, str(copy / "model.onnx"))
-    result = _benchmark(copy, "--train-steps", "0", "--backends", "torch-fp32,ort-fp32")
+    result = _benchmark(copy, "--train-steps", "0", "--loader-seconds", "0", "--backends", "torch-fp32,ort-fp32")
     report = json.loads((copy / "benchmark.json").read_text())
     assert report["flagged"] == ["ort-fp32"]
     assert abs(report["parity"]["ort-fp32"]["iou_diff_vs_torch_fp32"]) > 1e-4

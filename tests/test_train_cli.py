@@ -318,3 +318,26 @@ def test_resume_errors(two_process_run: tuple[Path, subprocess.CompletedProcess]
     assert "cannot resume" in message
     shutil.rmtree(copy / "checkpoints" / "state")
     assert "no checkpoint to resume from" in cli_error("train_ddp", "--resume", str(copy))
+
+
+@pytest.mark.slow  # two short trainings, about 45 s on two cores
+def test_ablation_trains_each_variant_once_and_reads_validation_only(synthetic_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text("data:\n  image_size: 32\n  num_workers: 0\nmodel:\n  base_channels: 8\n  depth: 3\n"
+                      "train:\n  batch_size: 8\n")
+    command = [sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--data-dir", str(synthetic_root),
+               "--output-dir", str(tmp_path / "abl"), "--config", str(config), "--epochs", "2", "--only", "recipe,bce",
+               "--json", str(tmp_path / "abl.json"), "--md", str(tmp_path / "abl.md")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:] + first.stdout[-2000:]
+    rows = json.loads((tmp_path / "abl.json").read_text())["rows"]
+    for name in ("recipe", "bce"):
+        history = json.loads((tmp_path / "abl" / name / "history.json").read_text())
+        assert rows[name]["best_val_dice"] == max(h["val_dice"] for h in history)
+        assert rows[name]["training_minutes"] == pytest.approx(sum(h["seconds"] for h in history) / 60)
+    assert "| bce | loss BCE" in (tmp_path / "abl.md").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)  # finished variants are read
+    assert again.returncode == 0 and "train_ddp.py" not in again.stdout
+    assert json.loads((tmp_path / "abl.json").read_text())["rows"] == rows
+    unknown = subprocess.run([*command[:-6], "--only", "nonsense"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "unknown variant(s) nonsense" in unknown.stderr

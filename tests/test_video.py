@@ -306,7 +306,8 @@ def test_benchmark_video_row(onnx_run: Path, frames: list[np.ndarray]) -> None:
 def test_benchmark_command_adds_the_video_section(onnx_run: Path, tmp_path: Path) -> None:
     run_dir = Path(shutil.copytree(onnx_run, tmp_path / "run"))
     result = subprocess.run([sys.executable, str(REPO / "benchmark.py"), "--run", str(run_dir), "--backends", "ort-fp32",
-                             "--train-steps", "0", "--iters", "1", "--warmup", "0", "--batch-sizes", "1", "--video", "8"],
+                             "--train-steps", "0", "--loader-seconds", "0", "--iters", "1", "--warmup", "0",
+                             "--batch-sizes", "1", "--video", "8"],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "benchmark.json").read_text())

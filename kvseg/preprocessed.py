@@ -1,0 +1,204 @@
+"""The persistent on-disk cache of a dataset folder: decoded, resized frames in memory-mapped files.
+
+Decoding a JPEG or PNG and resizing it costs more than augmenting it; nnU-Net preprocesses a dataset
+once for that reason. kvseg does the same lazily: the first run (or benchmark, export, report) that
+reads a folder at an image size writes every pair, decoded, resized and read through the dataset's
+mask encoding, to ``CACHE_DIR/<folder>-<size>px-<key>/`` as two ``.npy`` files
+
+* ``images.npy``: uint8 (N, S, S, 3), RGB;
+* ``masks.npy``: uint8 (N, S, S), {0, 1};
+
+with ``frames.json`` naming the ids in row order. Later runs open them with ``numpy.load(...,
+mmap_mode="r")``: nothing is decoded again, and every DataLoader worker and every process on the
+machine reads the same pages of the operating system's page cache.
+
+The key is a SHA-256 of what the arrays depend on: the format version, the image size, the mask
+encoding, and every file's resolved path, size in bytes and modification time (ns). Changing,
+adding or removing a file, or reading the masks differently, makes a new entry; old entries are
+left in place (delete ``CACHE_DIR`` to reclaim the space; its size is printed when an entry is
+made). ``CACHE_DIR`` is ``data.cache_dir``, else ``$KVSEG_CACHE_DIR``, else
+``$XDG_CACHE_HOME/kvseg`` (``~/.cache/kvseg``); it is never inside the data folder.
+
+An entry is written to a temporary folder and renamed into place, so a run stopped while building
+leaves nothing that a later run would read, and processes building the same entry at once do not
+clash (the first rename wins). Where the entry cannot be written (no space, read-only home), the
+caller falls back to decoding in the run and says so in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from kvseg.data import Sample, read_image, resize_pair
+from kvseg.errors import ConfigError, CorruptImageError
+from kvseg.masks import MaskEncoding, read_mask
+from kvseg.runtime import single_threaded_opencv, usable_cores
+
+FORMAT_VERSION = 1
+IMAGES, MASKS, INDEX = "images.npy", "masks.npy", "frames.json"
+
+
+class CacheUnavailable(Exception):
+    """The cache entry could not be written here (disk full, folder not writable); decode in the run instead."""
+
+
+def default_cache_dir() -> Path:
+    """``$KVSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/kvseg``, else ``~/.cache/kvseg``."""
+    if os.environ.get("KVSEG_CACHE_DIR"):
+        return Path(os.environ["KVSEG_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kvseg"
+
+
+def resolve_cache_dir(configured: str, data_root: str | Path) -> Path:
+    """The cache folder to use: ``configured`` (``data.cache_dir``) or :func:`default_cache_dir`.
+
+    Raises:
+        ConfigError: the folder is the data folder or inside it (the cache never writes there).
+    """
+    folder = Path(configured).expanduser() if configured else default_cache_dir()
+    root = Path(data_root).resolve()
+    if folder.resolve() == root or root in folder.resolve().parents:
+        raise ConfigError(f"config key 'data.cache_dir' is {folder}, inside the data folder {root}; "
+                          "expected a folder outside it (kvseg never writes into the data folder)")
+    return folder
+
+
+def cache_key(samples: Sequence[Sample], image_size: int, encoding: MaskEncoding) -> str:
+    """SHA-256 (hex) of the format, size, encoding and each file's resolved path, size and mtime in ns."""
+    files = []
+    for sample in sorted(samples, key=lambda s: s.id):
+        entry = [sample.id]
+        for path in (sample.image, sample.mask):
+            stat = Path(path).stat()
+            entry += [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+        files.append(entry)
+    described = {"format": FORMAT_VERSION, "image_size": image_size, "encoding": asdict(encoding), "files": files}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def decode_pair(sample: Sample, image_size: int, encoding: MaskEncoding) -> tuple[np.ndarray, np.ndarray]:
+    """The resized uint8 image (S, S, 3) and {0, 1} mask (S, S) of ``sample``.
+
+    Raises:
+        CorruptImageError: image and mask differ in size (or either cannot be decoded).
+    """
+    image = read_image(sample.image)
+    mask = read_mask(sample.mask, encoding)
+    if image.shape[:2] != mask.shape[:2]:
+        raise CorruptImageError(
+            f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{image.shape[1]}x{image.shape[0]}; expected the same size"
+        )
+    return resize_pair(image, mask, image_size)
+
+
+class PreprocessedFrames:
+    """One cache entry, opened read-only: :meth:`pair` returns a sample's decoded, resized arrays.
+
+    The memory maps are opened on first use in each process and are not pickled, so DataLoader
+    workers started by ``spawn`` reopen the files instead of receiving copies of the arrays.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = json.loads((self.folder / INDEX).read_text())
+        self.image_size: int = index["image_size"]
+        self.rows: dict[str, int] = {sample_id: row for row, sample_id in enumerate(index["ids"])}
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self.rows
+
+    def _open(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = (np.load(self.folder / IMAGES, mmap_mode="r"), np.load(self.folder / MASKS, mmap_mode="r"))
+        return self._arrays
+
+    def pair(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Writable copies of the uint8 image (S, S, 3) and {0, 1} mask (S, S) of ``sample_id``."""
+        images, masks = self._open()
+        row = self.rows[sample_id]
+        return np.array(images[row]), np.array(masks[row])
+
+    @property
+    def nbytes(self) -> int:
+        return sum((self.folder / name).stat().st_size for name in (IMAGES, MASKS, INDEX))
+
+
+def _write_entry(folder: Path, samples: Sequence[Sample], image_size: int, encoding: MaskEncoding) -> None:
+    """Decode every sample into ``folder`` (which exists and is empty), several files at a time.
+
+    Decoding (Pillow) and resizing (OpenCV) release the GIL, so threads use every core; OpenCV's
+    own pool is turned off first, as DataLoader workers forked later need.
+    """
+    single_threaded_opencv()
+    n, s = len(samples), image_size
+    images = np.lib.format.open_memmap(folder / IMAGES, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+    masks = np.lib.format.open_memmap(folder / MASKS, mode="w+", dtype=np.uint8, shape=(n, s, s))
+
+    def fill(row: int) -> None:
+        images[row], masks[row] = decode_pair(samples[row], image_size, encoding)
+
+    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
+        list(pool.map(fill, range(n)))
+    images.flush()
+    masks.flush()
+    index = {"format": FORMAT_VERSION, "image_size": image_size, "encoding": asdict(encoding),
+             "ids": [sample.id for sample in samples], "data_root": str(Path(samples[0].image).resolve().parents[1])}
+    (folder / INDEX).write_text(json.dumps(index, indent=1))
+
+
+def open_or_build(samples: Sequence[Sample], image_size: int, encoding: MaskEncoding, cache_dir: str | Path,
+                  log: Callable[[str], None] = print) -> PreprocessedFrames:
+    """The cache entry of ``samples`` at ``image_size`` under ``cache_dir``, written first if missing.
+
+    Raises:
+        CacheUnavailable: the entry is missing and cannot be written there (the message says why).
+        CorruptImageError, ImageTooLargeError: a file cannot be read (nothing is left behind).
+    """
+    samples = sorted(samples, key=lambda s: s.id)
+    key = cache_key(samples, image_size, encoding)
+    root_name = Path(samples[0].image).resolve().parents[1].name or "data"
+    cache_dir = Path(cache_dir)
+    entry = cache_dir / f"{root_name}-{image_size}px-{key[:16]}"
+    if (entry / INDEX).is_file():
+        return PreprocessedFrames(entry)
+    needed = len(samples) * image_size * image_size * 4
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache_dir).free
+        if free < 2 * needed:
+            raise CacheUnavailable(f"{cache_dir} has {free / 2**20:.0f} MiB free; the entry needs {needed / 2**20:.0f} MiB")
+        building = Path(tempfile.mkdtemp(prefix=f".building-{entry.name}-", dir=cache_dir))
+    except OSError as exc:
+        raise CacheUnavailable(f"{cache_dir}: {exc.strerror or exc}") from None
+    start = time.perf_counter()
+    try:
+        _write_entry(building, samples, image_size, encoding)
+        try:
+            building.rename(entry)
+        except OSError:
+            if not (entry / INDEX).is_file():  # not another process that finished first
+                raise
+    except OSError as exc:
+        raise CacheUnavailable(f"{cache_dir}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    frames = PreprocessedFrames(entry)
+    log(f"Cache: decoded {len(samples)} pairs at {image_size} px in {time.perf_counter() - start:.1f} s into {entry} "
+        f"({frames.nbytes / 2**20:.0f} MiB); later runs on this folder read them instead of decoding")
+    return frames

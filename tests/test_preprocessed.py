@@ -1,0 +1,136 @@
+"""The persistent on-disk frame cache (kvseg.preprocessed) and the loader-only benchmark."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import kvseg.preprocessed
+from kvseg.bench_loader import loader_markdown, measure_loader, worker_counts
+from kvseg.config import load_config
+from kvseg.data import find_samples
+from kvseg.dataset import SegmentationDataset, build_datasets, dataset_frames
+from kvseg.encodings import dataset_encoding
+from kvseg.errors import ConfigError, CorruptImageError
+from kvseg.masks import MaskEncoding
+from kvseg.preprocessed import CacheUnavailable, decode_pair, open_or_build, resolve_cache_dir
+
+BINARY = MaskEncoding("binary-0-255")
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_entry_holds_the_decoded_pairs_and_a_second_open_decodes_nothing(dataset_copy: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = list(find_samples(dataset_copy).values())
+    lines: list[str] = []
+    frames = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lines.append)
+    assert len(lines) == 1 and "decoded 32 pairs at 32 px" in lines[0]
+    for sample in samples[:5]:
+        image, mask = frames.pair(sample.id)
+        expected_image, expected_mask = decode_pair(sample, 32, BINARY)
+        assert image.dtype == np.uint8 and image.shape == (32, 32, 3) and set(np.unique(mask)) <= {0, 1}
+        assert np.array_equal(image, expected_image) and np.array_equal(mask, expected_mask)
+        assert image.flags.writeable, "torch.from_numpy of a read-only map would warn"
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(kvseg.preprocessed, "decode_pair", no_decoding)
+    again = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lines.append)
+    assert again.folder == frames.folder and len(lines) == 1
+    assert np.array_equal(again.pair(samples[0].id)[0], frames.pair(samples[0].id)[0])
+
+
+def test_a_changed_file_size_or_encoding_makes_a_new_entry(dataset_copy: Path, tmp_path: Path) -> None:
+    samples = list(find_samples(dataset_copy).values())
+    cache = tmp_path / "cache"
+    first = open_or_build(samples, 32, BINARY, cache, log=lambda _: None).folder
+    assert open_or_build(samples, 48, BINARY, cache, log=lambda _: None).folder != first
+    assert open_or_build(samples, 32, MaskEncoding("binary-0-255", threshold=200), cache,
+                         log=lambda _: None).folder != first
+    stat = samples[3].mask.stat()
+    os.utime(samples[3].mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the mask was edited
+    changed = open_or_build(samples, 32, BINARY, cache, log=lambda _: None).folder
+    assert changed != first and len(_entries(cache)) == 4
+    assert not [p for p in _entries(cache) if p.name.startswith(".building")]
+
+
+def test_a_broken_file_leaves_no_entry_behind(dataset_copy: Path, tmp_path: Path) -> None:
+    samples = list(find_samples(dataset_copy).values())
+    samples[-1].image.write_bytes(b"not an image")
+    cache = tmp_path / "cache"
+    with pytest.raises(CorruptImageError, match=samples[-1].image.name):
+        open_or_build(samples, 32, BINARY, cache, log=lambda _: None)
+    assert _entries(cache) == [], "a later run must not read a half-written entry"
+
+
+def test_the_cache_is_never_inside_the_data_folder(dataset_copy: Path) -> None:
+    with pytest.raises(ConfigError, match="data.cache_dir.*inside the data folder"):
+        resolve_cache_dir(str(dataset_copy / "cache"), dataset_copy)
+    assert resolve_cache_dir("", dataset_copy) == Path(os.environ["KVSEG_CACHE_DIR"])
+
+
+def test_an_unwritable_cache_falls_back_to_shared_memory_with_one_line(dataset_copy: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = load_config(overrides=[f"data.root={dataset_copy}", "data.image_size=32", f"data.cache_dir={blocker}/cache"])
+    samples = find_samples(dataset_copy)
+    lines: list[str] = []
+    with pytest.raises(CacheUnavailable):
+        open_or_build(list(samples.values()), 32, BINARY, blocker / "cache")
+    datasets = build_datasets(cfg, samples, {"train": list(samples)[:8]}, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("note: no on-disk cache") and str(blocker) in lines[0]
+    assert datasets["train"].source == "shared memory"
+
+
+def test_datasets_read_the_cache_in_workers_and_pickle_no_arrays(dataset_copy: Path, tmp_path: Path) -> None:
+    cfg = load_config(overrides=[f"data.root={dataset_copy}", "data.image_size=32", f"data.cache_dir={tmp_path}/c"])
+    samples = find_samples(dataset_copy)
+    frames = dataset_frames(cfg.data, samples, dataset_encoding(cfg.data, [s.mask for s in samples.values()]))
+    assert len(pickle.dumps(frames)) < 4096, "spawned workers reopen the files instead of receiving the arrays"
+    dataset = SegmentationDataset(list(samples.values())[:8], 32, frames=frames)
+    assert dataset.source == "disk cache"
+    for sample in samples.values():  # nothing may read the files any more
+        sample.image.unlink()
+    loaded = torch.cat([images for images, _, _ in DataLoader(dataset, batch_size=4, num_workers=2)])
+    expected = torch.stack([torch.from_numpy(frames.pair(s.id)[0]) for s in dataset.samples])
+    assert torch.equal(loaded, expected)
+    with pytest.raises(ValueError, match="does not hold every sample at 48 px"):
+        SegmentationDataset(dataset.samples, 48, frames=frames)
+
+
+def test_cache_setting_and_its_legacy_bool() -> None:
+    assert load_config().data.cache == "disk"
+    assert load_config(overrides=["data.cache=true"]).data.cache == "memory"
+    assert load_config(overrides=["data.cache=false"]).data.cache == "off"
+    with pytest.raises(ConfigError, match="'data.cache' is 'ram'; expected one of disk, memory, off"):
+        load_config(overrides=["data.cache=ram"])
+
+
+def test_worker_counts() -> None:
+    assert worker_counts(1) == [0, 1]
+    assert worker_counts(2) == [0, 1, 2]
+    assert worker_counts(6) == [0, 1, 2, 4, 6]
+
+
+def test_loader_benchmark_reports_every_size_source_and_worker_count(dataset_copy: Path) -> None:
+    cfg = load_config(overrides=["data.image_size=32", "train.batch_size=4"])
+    samples = list(find_samples(dataset_copy).values())[:12]
+    report = measure_loader(cfg, samples, BINARY, seconds=0.2, sizes=[32, 48], log=lambda _: None)
+    assert [entry["image_size"] for entry in report["sizes"]] == [32, 48]
+    for entry in report["sizes"]:
+        sources = {(row["source"], row["workers"]) for row in entry["rows"]}
+        assert sources == {(s, w) for s in ("decode", "disk cache") for w in worker_counts(len(os.sched_getaffinity(0)))}
+        assert all(row["images_per_s"] > 0 and row["images_timed"] > 0 for row in entry["rows"])
+        assert entry["cache_mib"] > 0
+    table = "\n".join(loader_markdown(report))
+    assert table.count("| 48 | disk cache |") == len(worker_counts(len(os.sched_getaffinity(0))))
