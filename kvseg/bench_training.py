@@ -123,6 +123,7 @@ class Harness:
         loader = build_dataloaders(cfg, {"train": dataset}, pin_memory=gpu)["train"]
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.epoch = 0
+        self.losses: list[tuple[int, float]] = []  # (images, mean loss) of every train_one_epoch call
 
     def run(self, steps: int, timer: PhaseTimer | None = None) -> tuple[int, float]:
         """``steps`` optimizer steps through :func:`train_one_epoch` (over epoch ends): (images, seconds)."""
@@ -134,6 +135,7 @@ class Harness:
                                     self.cfg.train.channels_last, "benchmark", max_steps=steps - done, timer=timer)
             done += math.ceil(stats.images / self.cfg.train.batch_size)
             images, seconds = images + stats.images, seconds + stats.seconds
+            self.losses.append((stats.images, stats.loss))
         return images, seconds
 
     def settings(self) -> dict:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -106,3 +108,25 @@ def test_perturbed_onnx_model_is_flagged(benchmarked: tuple[Path, dict], tmp_pat
     assert report["flagged"] == ["ort-fp32"]
     assert abs(report["parity"]["ort-fp32"]["iou_diff_vs_torch_fp32"]) > 1e-4
     assert "parity flagged" in result.stdout
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"kvseg_benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_lever_changes_only_what_it_names(fresh_run: Path) -> None:
+    levers = _script("levers")
+    default = levers.measure_one(str(fresh_run), [], warmup=1, steps=2)
+    nchw = levers.measure_one(str(fresh_run), ["train.channels_last=false", "data.num_workers=0"], warmup=1, steps=2)
+    assert default["images"] == nchw["images"] == 8 and default["images_per_s"] > 0
+    assert default["data_source"] == "disk cache" and nchw["num_workers"] == 0
+    # same seed, same batches: the layout changes rounding, not what is learnt
+    assert nchw["mean_loss"] == pytest.approx(default["mean_loss"], rel=1e-3)
+    bilinear = levers.measure_one(str(fresh_run), ["model.upsample=bilinear"], warmup=1, steps=2)
+    assert bilinear["mean_loss"] != pytest.approx(default["mean_loss"], rel=1e-3)  # another model
+    table = levers.markdown({"default": default, "channels_last_off": nchw, "allocator_tcmalloc": {"skipped": "x"}},
+                            SimpleNamespace(steps=2))
+    assert "| channels_last_off | NCHW instead of channels_last |" in table and "skipped: x" in table
