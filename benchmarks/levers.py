@@ -1,13 +1,16 @@
 """Each CPU speed lever of the training step, alone, against the step as train_ddp.py runs it.
 
-    python benchmarks/levers.py --run RUN_DIR [--steps 8] [--warmup 3] [--only default,workers_0]
+    python benchmarks/levers.py --run RUN_DIR [--steps 8] [--warmup 3] [--repeats 3] [--only default,workers_0]
                                 [--set data.cache=disk] [--json levers.json] [--md levers.md]
 
 Every lever runs in its own process (so that an allocator, chosen when a process starts, really
 changes) as the harness of ``benchmark.py`` (:class:`kvseg.bench_training.Harness`: the run's
 config, its training split, :func:`kvseg.train.train_one_epoch`), with one environment variable or
 one ``--set`` changed (``LEVERS``). After ``--warmup`` steps (which include any compiling, timed
-apart), ``--steps`` optimizer steps are timed; the table gives images/s, the ratio to ``default``
+apart), ``--steps`` optimizer steps are timed. Two processes of the same setting differ by up to
+about 10% on a shared 2-core machine, so ``--repeats`` runs the whole list that many times, in
+rounds (each lever once per round, so a slow spell of the machine touches every lever alike), and
+the table gives the median images/s of each lever, its spread, the ratio of medians to ``default``
 and the mean training loss over the timed steps, which shows whether the lever changed what is
 learnt (every lever starts from the same seed and sees the same batches). ``--set`` changes the
 run's config for every lever alike (e.g. today's defaults for a run trained before them). Run it on a quiet machine:
@@ -24,6 +27,7 @@ if __name__ == "__main__":
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +54,8 @@ LEVERS: dict[str, tuple[str, dict[str, str], list[str]]] = {
     "workers_0": ("no DataLoader worker: the training process loads", {}, ["data.num_workers=0"]),
     "workers_cores": ("one DataLoader worker per core", {}, [f"data.num_workers={usable_cores()}"]),
     "threads_1": ("one torch thread", {}, ["train.cpu_threads=1"]),
+    "omp_bind": ("OpenMP threads bound to cores (OMP_PROC_BIND=close, OMP_PLACES=cores)",
+                 {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}, []),
     "cache_off": ("decoding every read instead of the disk cache", {}, ["data.cache=off"]),
     "bilinear": ("bilinear upsampling instead of transposed convolutions (another model)", {}, ["model.upsample=bilinear"]),
     "transpose": ("transposed-convolution upsampling instead of bilinear (another model)", {}, ["model.upsample=transpose"]),
@@ -75,7 +81,7 @@ def measure_one(run_dir: str, overrides: list[str], warmup: int, steps: int) -> 
 
 
 def measure_lever(name: str, args: argparse.Namespace) -> dict:
-    """Run one lever in a fresh process; its result, or why it was skipped."""
+    """Run one lever once in a fresh process; its result, or why it was skipped."""
     _, env, overrides = LEVERS[name]
     command = [sys.executable, __file__, "--run", args.run, "--warmup", str(args.warmup), "--steps", str(args.steps),
                "--child", json.dumps([*args.set, *overrides])]
@@ -92,17 +98,28 @@ def measure_lever(name: str, args: argparse.Namespace) -> dict:
     return row
 
 
+def combine(runs: list[dict]) -> dict:
+    """One lever's repeats: the median run's fields, with every images/s and the spread."""
+    measured = [run for run in runs if "skipped" not in run]
+    if not measured:
+        return runs[0]
+    rates = sorted(run["images_per_s"] for run in measured)
+    median = statistics.median(rates)
+    return {**min(measured, key=lambda run: abs(run["images_per_s"] - median)), "images_per_s": median,
+            "all_images_per_s": [run["images_per_s"] for run in measured], "spread": (rates[-1] - rates[0]) / median}
+
+
 def markdown(rows: dict[str, dict], args: argparse.Namespace) -> str:
     base = rows.get("default", {}).get("images_per_s")
-    lines = [f"| lever | what changes | images/s | vs default | mean loss ({args.steps} steps) | warm-up s |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [f"| lever | what changes | images/s (median of {args.repeats}) | spread | vs default | "
+             f"mean loss ({args.steps} steps) | warm-up s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in rows.items():
         if "skipped" in row:
-            lines.append(f"| {name} | {LEVERS[name][0]} | skipped: {row['skipped']} | | | |")
+            lines.append(f"| {name} | {LEVERS[name][0]} | skipped: {row['skipped']} | | | | |")
             continue
         ratio = f"{row['images_per_s'] / base:.2f}x" if base else ""
-        lines.append(f"| {name} | {LEVERS[name][0]} | {row['images_per_s']:.2f} | {ratio} | {row['mean_loss']:.4f} | "
-                     f"{row['warmup_s']:.0f} |")
+        lines.append(f"| {name} | {LEVERS[name][0]} | {row['images_per_s']:.2f} | {row.get('spread', 0):.0%} | {ratio} | "
+                     f"{row['mean_loss']:.4f} | {row['warmup_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run", required=True, help="a run folder (its config and training split are used)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per lever")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiling happens here)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the levers; the median is reported")
     parser.add_argument("--only", help=f"comma-separated subset of: {','.join(LEVERS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every lever (repeatable)")
@@ -123,16 +141,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     names = args.only.split(",") if args.only else list(LEVERS)
     unknown = [name for name in names if name not in LEVERS]
-    if unknown or args.steps < 1 or args.warmup < 0:
+    if unknown or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         parser.exit(2, f"error: unknown lever(s) {', '.join(unknown)}; expected any of {', '.join(LEVERS)}\n" if unknown
-                    else "error: --steps must be at least 1 and --warmup at least 0\n")
+                    else "error: --steps and --repeats must be at least 1, --warmup at least 0\n")
     RunDir(args.run).load_model()  # a missing run is named here, once
     torch.set_num_threads(1)  # the parent only waits
-    rows = {name: measure_lever(name, args) for name in names}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            if not runs[name] or "skipped" not in runs[name][0]:
+                runs[name].append(measure_lever(name, args))
+    rows = {name: combine(measured) for name, measured in runs.items()}
     table = markdown(rows, args)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"run": args.run, "steps": args.steps, "warmup": args.warmup,
+                                               "repeats": args.repeats,
                                                "set": args.set, "machine": describe_machine(), "rows": rows}, indent=2))
     if args.md:
         Path(args.md).write_text(table)

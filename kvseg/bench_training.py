@@ -31,7 +31,7 @@ from kvseg.masks import MaskEncoding
 from kvseg.model import build_model
 from kvseg.optim import build_optimizer
 from kvseg.preprocessed import PreprocessedFrames
-from kvseg.runtime import resolve_mixed_precision
+from kvseg.runtime import cpu_threads_per_process, resolve_mixed_precision
 from kvseg.train import PHASES, PhaseTimer, train_one_epoch
 
 STUDY_SECONDS_PER_EPOCH = 300.0
@@ -115,6 +115,8 @@ class Harness:
         if gpu and precision == "no" and torch.cuda.is_bf16_supported():
             precision = "bf16"  # what configs/accelerate/gpu_*.yaml launch with
         self.cfg, self.accelerator = cfg, build_accelerator(cfg, precision)
+        if self.accelerator.device.type == "cpu":
+            torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))  # as a run sets it
         torch.manual_seed(0)
         model = prepare_model(cfg, self.accelerator)
         optimizer, self.loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)

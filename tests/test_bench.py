@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from conftest import REPO
@@ -127,6 +128,11 @@ def test_a_lever_changes_only_what_it_names(fresh_run: Path) -> None:
     assert nchw["mean_loss"] == pytest.approx(default["mean_loss"], rel=1e-3)
     bilinear = levers.measure_one(str(fresh_run), ["model.upsample=bilinear"], warmup=1, steps=2)
     assert bilinear["mean_loss"] != pytest.approx(default["mean_loss"], rel=1e-3)  # another model
+    threads = torch.get_num_threads()
+    try:
+        assert levers.measure_one(str(fresh_run), ["train.cpu_threads=1"], warmup=0, steps=1)["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
     table = levers.markdown({"default": default, "channels_last_off": nchw, "allocator_tcmalloc": {"skipped": "x"}},
-                            SimpleNamespace(steps=2))
+                            SimpleNamespace(steps=2, repeats=1))
     assert "| channels_last_off | NCHW instead of channels_last |" in table and "skipped: x" in table
