@@ -13,13 +13,25 @@ RUN_DIR/benchmark.json and RUN_DIR/benchmark.md (plus --json / --markdown copies
 
 from __future__ import annotations
 
+import sys
+
 from kvseg.allocator import reexec_with_allocator
 
+
+def _times_openvino(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for an OpenVINO backend (the default list has them), read before argparse runs."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--backends"):
+            value = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            return "ov-" in value
+    return True
+
+
 if __name__ == "__main__":
-    reexec_with_allocator()  # first, before torch loads: an allocator is chosen when a process starts
+    # first, before torch loads: an allocator is chosen when a process starts; OpenVINO crashes under tcmalloc
+    reexec_with_allocator("OpenVINO backends are timed and crash under tcmalloc" if _times_openvino(sys.argv[1:]) else "")
 
 import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path

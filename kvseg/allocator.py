@@ -10,6 +10,12 @@ same PID, same arguments and environment) with the allocator set.
 
 ``KVSEG_ALLOCATOR`` picks it: ``auto`` (default: tcmalloc when found, otherwise glibc tuned),
 ``tcmalloc``, ``glibc`` or ``off``. This module imports nothing heavy: it runs before torch loads.
+
+OpenVINO's CPU plugin crashes in a process with a preloaded tcmalloc or jemalloc ("free(): invalid
+pointer", segmentation faults; openvinotoolkit/openvino#28551 and #29025, seen here with OpenVINO
+2025 and libtcmalloc-minimal4): an entry point that will load it asks :func:`reexec_with_allocator`
+to leave tcmalloc out under ``auto``, and :func:`preloaded_malloc` lets the backend refuse to start
+under one that was preloaded anyway.
 """
 
 from __future__ import annotations
@@ -62,22 +68,33 @@ def allocator_environment(choice: str, environ: dict[str, str]) -> tuple[dict[st
     return env, description
 
 
-def reexec_with_allocator() -> None:
+def preloaded_malloc(environ: dict[str, str] | None = None) -> str | None:
+    """The replacement malloc (tcmalloc, jemalloc, mimalloc) in ``LD_PRELOAD``, or None."""
+    preload = (os.environ if environ is None else environ).get("LD_PRELOAD", "")
+    return next((entry for entry in preload.replace(" ", ":").split(":")
+                 if any(name in Path(entry).name for name in ("tcmalloc", "jemalloc", "mimalloc"))), None)
+
+
+def reexec_with_allocator(without_tcmalloc: str = "") -> None:
     """Replace this process once with itself under the allocator ``KVSEG_ALLOCATOR`` asks for (Linux only).
 
     Does nothing when it already ran, when the choice is ``off``, or off Linux. An unknown choice
     or a missing tcmalloc ends the process with a one-line error and exit status 2. With ``auto``
     and no tcmalloc, the first process of a launch prints a one-line note (on stdout) saying how to get it.
+    ``without_tcmalloc``, when given, is why ``auto`` must use glibc here (printed in the note).
     """
-    choice = os.environ.get(ENV, "auto")
+    choice = os.environ.get(ENV) or "auto"  # set but empty: the default
     if DONE in os.environ or choice == "off" or not sys.platform.startswith("linux"):
         return
+    if choice == "auto" and without_tcmalloc:
+        choice = "glibc"
+        print(f"note: {without_tcmalloc}; using glibc malloc tuned for large tensors instead of tcmalloc")
     try:
         env, description = allocator_environment(choice, dict(os.environ))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if choice == "auto" and not description.startswith("tcmalloc"):
+    if (os.environ.get(ENV) or "auto") == "auto" and not without_tcmalloc and not description.startswith("tcmalloc"):
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0":
             print("note: tcmalloc not found; using glibc malloc tuned for large tensors "
                   "(for tcmalloc: apt install libtcmalloc-minimal4, or conda install gperftools)")

@@ -31,6 +31,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from kvseg.allocator import preloaded_malloc
 from kvseg.evaluate import LogitsFn, torch_logits
 from kvseg.runtime import cpu_supports_bf16, usable_cores
 
@@ -191,8 +192,13 @@ def openvino_backend(name: str, path: Path, precision: str) -> Backend:
     model ``"f32"``: its quantised layers run in int8 either way).
 
     Raises:
-        Skipped: OpenVINO is not installed, the file is missing, or bf16 is asked of a CPU without it.
+        Skipped: OpenVINO is not installed, the file is missing, bf16 is asked of a CPU without it, or
+            a replacement malloc is preloaded (it crashes OpenVINO; see :mod:`kvseg.allocator`).
     """
+    preloaded = preloaded_malloc()
+    if preloaded:
+        raise Skipped(f"OpenVINO crashes with {Path(preloaded).name} preloaded (openvinotoolkit/openvino#28551); "
+                      "run with KVSEG_ALLOCATOR=glibc and without it in LD_PRELOAD")
     try:
         import openvino as ov
         import openvino.properties as props

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import kvseg.allocator
-from conftest import REPO
-from kvseg.allocator import DONE, ENV, GLIBC_TUNING, allocator_environment
+from conftest import REPO, entry_point
+from kvseg.allocator import DONE, ENV, GLIBC_TUNING, allocator_environment, preloaded_malloc
+from kvseg.backends import Skipped, build_backend
 
 
 def test_glibc_keeps_large_blocks_and_sets_no_preload() -> None:
@@ -38,8 +39,9 @@ def test_missing_tcmalloc(monkeypatch: pytest.MonkeyPatch) -> None:
         allocator_environment("jemalloc", {})
 
 
-def _allocator_seen(choice: str | None) -> subprocess.CompletedProcess:
-    code = ("import os; from kvseg.allocator import reexec_with_allocator; reexec_with_allocator(); "
+def _allocator_seen(choice: str | None, without_tcmalloc: str = "") -> subprocess.CompletedProcess:
+    code = ("import os; from kvseg.allocator import reexec_with_allocator; "
+            f"reexec_with_allocator({without_tcmalloc!r}); "
             f"print(os.getpid(), os.environ.get('{DONE}'), os.environ.get('MALLOC_MMAP_MAX_'))")
     env = {k: v for k, v in os.environ.items() if k not in (ENV, DONE)}
     if choice is not None:
@@ -55,6 +57,29 @@ def test_the_process_replaces_itself_once_and_the_switch_turns_it_off() -> None:
     assert off[1:] == ["None", "None"]
     bad = _allocator_seen("jemalloc")
     assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: {ENV}='jemalloc'")
+    assert _allocator_seen("").stdout.splitlines()[-1].split()[1] in ("glibc", "tcmalloc")  # empty: auto
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator is chosen on Linux only")
+def test_auto_leaves_tcmalloc_out_where_openvino_will_load() -> None:
+    result = _allocator_seen(None, without_tcmalloc="OpenVINO backends are timed")
+    assert result.stdout.splitlines()[0] == ("note: OpenVINO backends are timed; using glibc malloc tuned for large "
+                                             "tensors instead of tcmalloc")
+    assert result.stdout.splitlines()[-1].split()[1:3] == ["glibc", "malloc"]
+
+
+def test_openvino_refuses_to_start_under_a_preloaded_malloc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert preloaded_malloc({"LD_PRELOAD": "/opt/a.so /usr/lib/libjemalloc.so.2"}) == "/usr/lib/libjemalloc.so.2"
+    assert preloaded_malloc({"LD_PRELOAD": "/opt/a.so"}) is None and preloaded_malloc({}) is None
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    with pytest.raises(Skipped, match="OpenVINO crashes with libtcmalloc_minimal.so.4 preloaded"):
+        build_backend("ov-fp32", None, lambda precision: tmp_path / "model.onnx")
+
+
+def test_benchmark_reads_whether_it_will_time_openvino() -> None:
+    times_openvino = entry_point("benchmark")._times_openvino
+    assert times_openvino([]) and times_openvino(["--backends", "ov-int8"]) and times_openvino(["--backends=ov-fp32"])
+    assert not times_openvino(["--run", "r", "--backends", "torch-fp32,ort-int8"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator is chosen on Linux only")
