@@ -162,9 +162,33 @@ def _write_entry(folder: Path, samples: Sequence[Sample], image_size: int, encod
     (folder / INDEX).write_text(json.dumps(index, indent=1))
 
 
+def entry_damage(folder: Path, ids: Sequence[str], image_size: int) -> str | None:
+    """What is wrong with the finished entry ``folder`` for ``ids`` at ``image_size``, or None when it is whole.
+
+    Checks what a hand edit or a broken disk would change: the index, the ids in their rows, the
+    arrays' shapes, dtype and file lengths (not every pixel).
+    """
+    try:
+        index = json.loads((folder / INDEX).read_text())
+        if index.get("format") != FORMAT_VERSION or index.get("image_size") != image_size:
+            return f"{INDEX} is of another format or size"
+        if index.get("ids") != list(ids):
+            return f"{INDEX} does not list the folder's ids"
+        images, masks = np.load(folder / IMAGES, mmap_mode="r"), np.load(folder / MASKS, mmap_mode="r")
+    except (OSError, ValueError, AttributeError, EOFError) as exc:  # JSONDecodeError is a ValueError
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}"
+    n, s = len(ids), image_size
+    if images.shape != (n, s, s, 3) or masks.shape != (n, s, s) or images.dtype != np.uint8 or masks.dtype != np.uint8:
+        return f"arrays are {images.shape} {images.dtype} and {masks.shape} {masks.dtype}, expected ({n}, {s}, {s}, 3) uint8"
+    return None
+
+
 def open_or_build(samples: Sequence[Sample], image_size: int, encoding: MaskEncoding, cache_dir: str | Path,
                   log: Callable[[str], None] = print) -> PreprocessedFrames:
     """The cache entry of ``samples`` at ``image_size`` under ``cache_dir``, written first if missing.
+
+    An entry that exists but is damaged (:func:`entry_damage`) is said so in one line, removed and
+    written again.
 
     Raises:
         CacheUnavailable: the entry is missing and cannot be written there (the message says why).
@@ -176,7 +200,11 @@ def open_or_build(samples: Sequence[Sample], image_size: int, encoding: MaskEnco
     cache_dir = Path(cache_dir)
     entry = cache_dir / f"{root_name}-{image_size}px-{key[:16]}"
     if (entry / INDEX).is_file():
-        return PreprocessedFrames(entry)
+        damage = entry_damage(entry, [sample.id for sample in samples], image_size)
+        if damage is None:
+            return PreprocessedFrames(entry)
+        log(f"note: cache entry {entry} is damaged ({damage}); decoding the folder again")
+        shutil.rmtree(entry, ignore_errors=True)
     needed = len(samples) * image_size * image_size * 4
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

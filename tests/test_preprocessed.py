@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -134,3 +135,24 @@ def test_loader_benchmark_reports_every_size_source_and_worker_count(dataset_cop
         assert entry["cache_mib"] > 0
     table = "\n".join(loader_markdown(report))
     assert table.count("| 48 | disk cache |") == len(worker_counts(len(os.sched_getaffinity(0))))
+
+
+@pytest.mark.parametrize("damage", ["garbage index", "ids missing", "masks truncated", "images deleted"])
+def test_a_damaged_entry_is_said_and_written_again(dataset_copy: Path, tmp_path: Path, damage: str) -> None:
+    samples = list(find_samples(dataset_copy).values())
+    entry = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lambda _: None).folder
+    if damage == "garbage index":
+        (entry / "frames.json").write_text("{not json")
+    elif damage == "ids missing":
+        index = json.loads((entry / "frames.json").read_text())
+        (entry / "frames.json").write_text(json.dumps({**index, "ids": index["ids"][:-1]}))
+    elif damage == "masks truncated":
+        with (entry / "masks.npy").open("r+b") as f:
+            f.truncate(1000)
+    else:
+        (entry / "images.npy").unlink()
+    lines: list[str] = []
+    frames = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lines.append)
+    assert lines[0].startswith(f"note: cache entry {entry} is damaged") and "decoded 32 pairs" in lines[1]
+    assert frames.folder == entry
+    assert np.array_equal(frames.pair(samples[-1].id)[1], decode_pair(samples[-1], 32, BINARY)[1])
