@@ -110,9 +110,10 @@ def budget_of(args: argparse.Namespace) -> Budget:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if (args.iters is not None and args.iters < 1) or min(args.warmup or 0, args.train_steps or 0, args.video,
-                                                          args.loader_seconds or 0) < 0:
-        raise KvsegError("--iters must be at least 1, --warmup, --train-steps, --video and --loader-seconds at least 0")
+    if (args.iters is not None and args.iters < 1) or min(args.warmup or 0, args.train_steps or 0, args.video) < 0:
+        raise KvsegError("--iters must be at least 1, --warmup, --train-steps and --video at least 0")
+    if args.loader_seconds is not None and not 0 <= args.loader_seconds < 3600:  # also refuses nan and inf
+        raise KvsegError(f"--loader-seconds is {args.loader_seconds}; expected seconds from 0 (skip) to under 3600")
     budget = budget_of(args)
     console = Console()
     run = RunDir(args.run) if args.run else latest_run(args.runs_dir)

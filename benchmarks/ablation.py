@@ -9,8 +9,10 @@ reads each run's ``history.json`` only: validation per-image Dice (best, and the
 evaluations, which is less at the mercy of one lucky epoch on a small validation split) and training
 minutes (the sum of ``seconds``: training steps only, validation excluded). The test split is scored by
 every run, as training always does at its end, but nothing here reads it: an ablation that chose on
-the test split would leak it into the recipe. A variant whose run folder already holds a finished
-``history.json`` is read, not trained again, so an interrupted ablation resumes.
+the test split would leak it into the recipe. A variant whose run folder already holds a finished run
+of the same config, data folder and epoch count is read, not trained again, so an interrupted
+ablation goes on with the variants it had not finished (remove the folder of the one it was
+training); a finished run of anything else there is an error.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+
+from kvseg.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (what changes against the recipe, the --set overrides that make it)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "recipe": ("configs/real_cpu.yaml as it is", []),
+    "recipe": ("the config as it is (default configs/real_cpu.yaml)", []),
     "recipe_seed43": ("same, another seed (run-to-run noise)", ["train.seed=43"]),
     "bce": ("loss BCE (the study's) instead of BCE + Dice", ["train.loss=bce"]),
     "constant_lr": ("constant learning rate instead of warm-up + cosine", ["train.scheduler=none"]),
@@ -66,7 +71,16 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace) -> di
     run_dir = Path(args.output_dir) / name
     history = run_dir / "history.json"
     finished = history.exists() and (run_dir / "metrics.json").exists()
-    if not finished:
+    if finished:
+        done = load_config(run_dir / "config.yaml")
+        asked = load_config(args.config, [*overrides, f"train.epochs={args.epochs}"])
+        same = (done.train.epochs == args.epochs and Path(done.data.root).resolve() == Path(args.data_dir).resolve()
+                and {k: v for k, v in asdict(done).items() if k not in ("data", "output_dir", "run_name", "eval")}
+                == {k: v for k, v in asdict(asked).items() if k not in ("data", "output_dir", "run_name", "eval")})
+        if not same:
+            raise SystemExit(f"error: {run_dir} holds a finished '{name}' run of another config, data folder or epoch "
+                             "count; use another --output-dir")
+    else:
         if run_dir.exists():
             raise SystemExit(f"error: {run_dir} exists but holds no finished run; remove it to train '{name}' again")
         command = [sys.executable, str(ROOT / "train_ddp.py"), "--config", args.config, "--data-dir", args.data_dir,
@@ -79,7 +93,9 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace) -> di
         with log.open("w") as out:
             status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
         if status:
-            raise SystemExit(f"error: variant '{name}' failed with exit status {status}; see {log}")
+            last = (log.read_text().strip().splitlines() or ["no output"])[-1]
+            print(f"error: variant '{name}' failed ({last}); see {log}", file=sys.stderr)
+            raise SystemExit(2)
     row = summarise(json.loads(history.read_text()))
     print(f"[{name}] best validation Dice {row['best_val_dice']:.4f} (epoch {row['best_epoch']}), last five "
           f"{row['last5_val_dice']:.4f}, {row['training_minutes']:.1f} training min", flush=True)
@@ -108,10 +124,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--md", help="write the Markdown table here")
     args = parser.parse_args(argv)
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    names = [name for name in args.only.split(",") if name] if args.only is not None else list(VARIANTS)
     unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        parser.exit(2, f"error: --only: unknown variant(s) {', '.join(unknown)}; expected any of {', '.join(VARIANTS)}\n")
+    if unknown or not names:
+        parser.exit(2, f"error: --only: unknown variant(s) {', '.join(unknown) or '(none given)'}; "
+                       f"expected any of {', '.join(VARIANTS)}\n")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.exit(2, f"error: --output-dir {args.output_dir} is a file; expected a folder\n")
+    for path in (args.json, args.md):
+        if path and not Path(path).resolve().parent.is_dir():
+            parser.exit(2, f"error: {path}: its folder does not exist\n")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     rows = {name: run_variant(name, VARIANTS[name][1], args) for name in names}
     table = markdown(rows, args.epochs)

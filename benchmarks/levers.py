@@ -40,12 +40,14 @@ from kvseg.allocator import DONE as ALLOCATOR_ACTIVE
 from kvseg.bench_training import Harness
 from kvseg.cli import run_cli
 from kvseg.config import load_config
+from kvseg.errors import ConfigError
 from kvseg.runs import RunDir
 from kvseg.runtime import describe_machine, usable_cores
 
 # name -> (what changes, environment, --set overrides)
 LEVERS: dict[str, tuple[str, dict[str, str], list[str]]] = {
-    "default": ("as train_ddp.py runs it (allocator auto, channels_last, workers and threads automatic, disk cache)",
+    "default": ("the run's config as train_ddp.py runs it (allocator auto; channels_last, workers, threads and cache "
+                "as the config says)",
                 {}, []),
     "allocator_off": ("glibc malloc untuned (KVSEG_ALLOCATOR=off)", {"KVSEG_ALLOCATOR": "off"}, []),
     "allocator_glibc": ("glibc malloc tuned for large blocks", {"KVSEG_ALLOCATOR": "glibc"}, []),
@@ -139,12 +141,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child is not None:
         print("LEVER " + json.dumps(measure_one(args.run, json.loads(args.child), args.warmup, args.steps)), flush=True)
         return
-    names = args.only.split(",") if args.only else list(LEVERS)
+    names = [name for name in args.only.split(",") if name] if args.only is not None else list(LEVERS)
     unknown = [name for name in names if name not in LEVERS]
-    if unknown or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
-        parser.exit(2, f"error: unknown lever(s) {', '.join(unknown)}; expected any of {', '.join(LEVERS)}\n" if unknown
+    if unknown or not names or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.exit(2, f"error: --only: expected any of {', '.join(LEVERS)}; got {args.only!r}\n" if unknown or not names
                     else "error: --steps and --repeats must be at least 1, --warmup at least 0\n")
     RunDir(args.run).load_model()  # a missing run is named here, once
+    try:
+        load_config(RunDir(args.run).config, args.set)
+    except ConfigError as exc:
+        raise ConfigError(f"--set: {exc}") from None
+    for path in (args.json, args.md):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ConfigError(f"{path}: its folder does not exist")
     torch.set_num_threads(1)  # the parent only waits
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for _ in range(args.repeats):

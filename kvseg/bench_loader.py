@@ -27,7 +27,7 @@ from kvseg.config import Config
 from kvseg.data import Sample
 from kvseg.dataset import SegmentationDataset
 from kvseg.masks import MaskEncoding
-from kvseg.preprocessed import open_or_build
+from kvseg.preprocessed import CacheUnavailable, open_or_build
 from kvseg.runtime import single_threaded_opencv, usable_cores
 
 LOADER_SIZES = (512,)  # measured besides the run's own size
@@ -43,14 +43,14 @@ def worker_counts(cores: int) -> list[int]:
 
 
 def images_per_s(loader: DataLoader, seconds: float) -> tuple[float, int]:
-    """Images/s delivered by ``loader`` over about ``seconds`` (epochs repeated), after its first batch.
+    """Images/s delivered by ``loader`` over about ``seconds`` (epochs repeated, one batch at least), after its first.
 
     The first batch is not timed: it includes starting the workers. Returns (images/s, images timed).
     """
     batches = iter(loader)
     next(batches)
     images, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while images == 0 or time.perf_counter() - start < seconds:  # at least one batch
         try:
             images += len(next(batches)[0])
         except StopIteration:
@@ -64,7 +64,8 @@ def measure_loader(cfg: Config, samples: Sequence[Sample], encoding: MaskEncodin
 
     Returns ``{"batch_size", "images", "sizes": [{"image_size", "cache_build_s", "cache_mib", "rows":
     [{"source", "workers", "images_per_s", "per_worker", "images_timed"}]}]}``; per_worker is
-    images/s divided by the worker count (by 1 for the main process alone).
+    images/s divided by the worker count (by 1 for the main process alone). A size whose temporary
+    entry cannot be written (``$TMPDIR`` too small) is ``{"image_size", "skipped": reason}``.
     """
     single_threaded_opencv()
     sizes = list(sizes) if sizes is not None else sorted({cfg.data.image_size, *LOADER_SIZES})
@@ -72,7 +73,12 @@ def measure_loader(cfg: Config, samples: Sequence[Sample], encoding: MaskEncodin
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix="kvseg-loader-") as folder:
             start = time.perf_counter()
-            frames = open_or_build(samples, size, encoding, folder, log=lambda _: None)
+            try:
+                frames = open_or_build(samples, size, encoding, folder, log=lambda _: None)
+            except CacheUnavailable as reason:  # a small $TMPDIR: say so, keep what was measured
+                report["sizes"].append({"image_size": size, "skipped": f"{reason} (set TMPDIR to a larger disk)"})
+                log(f"loader {size} px skipped: {reason}")
+                continue
             entry = {"image_size": size, "cache_build_s": time.perf_counter() - start,
                      "cache_mib": frames.nbytes / 2**20, "rows": []}
             for source, source_frames in (("decode", None), ("disk cache", frames)):
@@ -99,7 +105,9 @@ def loader_markdown(loader: dict) -> list[str]:
              "| size | source | workers | images/s | per worker | cache build s (MiB) |",
              "| ---: | --- | ---: | ---: | ---: | --- |"]
     for entry in loader["sizes"]:
-        for row in entry["rows"]:
+        if "skipped" in entry:
+            lines.append(f"| {entry['image_size']} | skipped: {entry['skipped']} | | | | |")
+        for row in entry.get("rows", []):
             build = f"{entry['cache_build_s']:.1f} ({entry['cache_mib']:.0f})" if row["source"] == "disk cache" else ""
             lines.append(f"| {entry['image_size']} | {row['source']} | {row['workers']} | {row['images_per_s']:.1f} | "
                          f"{row['per_worker']:.1f} | {build} |")

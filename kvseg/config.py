@@ -137,7 +137,7 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 
 
 def _validate(cfg: Config) -> None:
-    legacy_cache = {"True": "memory", "true": "memory", "False": "off", "false": "off"}  # data.cache was a bool
+    legacy_cache = {"True": "disk", "true": "disk", "False": "off", "false": "off"}  # data.cache was a bool
     cfg.data.cache = legacy_cache.get(cfg.data.cache, cfg.data.cache)
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")

@@ -138,8 +138,14 @@ def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskE
     try:
         return open_or_build(list(samples.values()), data.image_size, encoding, cache_dir, log)
     except CacheUnavailable as reason:
-        log(f"note: no on-disk cache ({reason}); decoding into shared memory during the first epoch instead")
+        note = f"note: no on-disk cache ({reason}); decoding into shared memory during the first epoch instead"
+        if note not in _NOTES_GIVEN:  # once per process: the run's evaluation at the end reads the folder again
+            _NOTES_GIVEN.add(note)
+            log(note)
         return None
+
+
+_NOTES_GIVEN: set[str] = set()
 
 
 def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], augment: Sequence[str] = ("train",),

@@ -27,6 +27,7 @@ from kvseg.evaluate import LogitsFn, torch_logits
 from kvseg.losses import build_loss
 from kvseg.model import build_model
 from kvseg.optim import build_ema, build_optimizer, build_scheduler
+from kvseg.preprocessed import resolve_cache_dir
 from kvseg.runs import Progress, RunDir, create_run, open_run, resume_config
 from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
 from kvseg.splits import Split, resolve_split
@@ -165,6 +166,8 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
     else:
         cfg.data.root = str(resolve_data_root(cfg.data, options.data_dir_given, accelerator))
         check_training_data(cfg, accelerator)  # the folder summary; fixes data.mask_encoding before the config is saved
+        if cfg.data.cache == "disk":
+            resolve_cache_dir(cfg.data.cache_dir, cfg.data.root)  # a cache in the data folder stops here, before the run folder
         split = resolve_split(cfg.data.root, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction,
                               cfg.data.val_fraction)
         run, state, progress = create_run(cfg.output_dir, cfg.run_name, accelerator), None, Progress()

@@ -13,7 +13,9 @@ mmap_mode="r")``: nothing is decoded again, and every DataLoader worker and ever
 machine reads the same pages of the operating system's page cache.
 
 The key is a SHA-256 of what the arrays depend on: the format version, the image size, the mask
-encoding, and every file's resolved path, size in bytes and modification time (ns). Changing,
+encoding, and every file's resolved path, size in bytes, modification and status-change times (ns)
+and inode (a file replaced by one of the same size with its old mtime put back still changes the
+last two). Changing,
 adding or removing a file, or reading the masks differently, makes a new entry; old entries are
 left in place (delete ``CACHE_DIR`` to reclaim the space; its size is printed when an entry is
 made). ``CACHE_DIR`` is ``data.cache_dir``, else ``$KVSEG_CACHE_DIR``, else
@@ -31,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -64,24 +67,27 @@ def resolve_cache_dir(configured: str, data_root: str | Path) -> Path:
     """The cache folder to use: ``configured`` (``data.cache_dir``) or :func:`default_cache_dir`.
 
     Raises:
-        ConfigError: the folder is the data folder or inside it (the cache never writes there).
+        ConfigError: the folder is the data folder or inside it (the cache never writes there); the
+            message names where the folder came from (the config key or the environment variable).
     """
     folder = Path(configured).expanduser() if configured else default_cache_dir()
+    source = ("config key 'data.cache_dir'" if configured else "$KVSEG_CACHE_DIR" if os.environ.get("KVSEG_CACHE_DIR")
+              else "the default cache folder ($XDG_CACHE_HOME/kvseg or ~/.cache/kvseg)")
     root = Path(data_root).resolve()
     if folder.resolve() == root or root in folder.resolve().parents:
-        raise ConfigError(f"config key 'data.cache_dir' is {folder}, inside the data folder {root}; "
-                          "expected a folder outside it (kvseg never writes into the data folder)")
+        raise ConfigError(f"{source} is {folder}, inside the data folder {root}; expected a folder outside it "
+                          "(kvseg never writes into the data folder)")
     return folder
 
 
 def cache_key(samples: Sequence[Sample], image_size: int, encoding: MaskEncoding) -> str:
-    """SHA-256 (hex) of the format, size, encoding and each file's resolved path, size and mtime in ns."""
+    """SHA-256 (hex) of the format, size, encoding and each file's resolved path, size, mtime, ctime (ns) and inode."""
     files = []
     for sample in sorted(samples, key=lambda s: s.id):
         entry = [sample.id]
         for path in (sample.image, sample.mask):
-            stat = Path(path).stat()
-            entry += [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+            stat = Path(path).stat()  # ctime and inode too: a copy that keeps size and mtime (cp -p) changes them
+            entry += [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         files.append(entry)
     described = {"format": FORMAT_VERSION, "image_size": image_size, "encoding": asdict(encoding), "files": files}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
@@ -143,23 +149,40 @@ def _write_entry(folder: Path, samples: Sequence[Sample], image_size: int, encod
     """Decode every sample into ``folder`` (which exists and is empty), several files at a time.
 
     Decoding (Pillow) and resizing (OpenCV) release the GIL, so threads use every core; OpenCV's
-    own pool is turned off first, as DataLoader workers forked later need.
+    own pool is turned off first, as DataLoader workers forked later need. Rows are written with
+    plain file writes, not through a memory map: a full disk is then an OSError, not a SIGBUS.
     """
     single_threaded_opencv()
     n, s = len(samples), image_size
-    images = np.lib.format.open_memmap(folder / IMAGES, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
-    masks = np.lib.format.open_memmap(folder / MASKS, mode="w+", dtype=np.uint8, shape=(n, s, s))
-
-    def fill(row: int) -> None:
-        images[row], masks[row] = decode_pair(samples[row], image_size, encoding)
-
-    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
-        list(pool.map(fill, range(n)))
-    images.flush()
-    masks.flush()
+    with (folder / IMAGES).open("wb") as images, (folder / MASKS).open("wb") as masks, \
+            ThreadPoolExecutor(max_workers=usable_cores()) as pool:
+        np.lib.format.write_array_header_1_0(images, {"descr": "|u1", "fortran_order": False, "shape": (n, s, s, 3)})
+        np.lib.format.write_array_header_1_0(masks, {"descr": "|u1", "fortran_order": False, "shape": (n, s, s)})
+        for image, mask in pool.map(lambda sample: decode_pair(sample, image_size, encoding), samples):
+            images.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+            masks.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
     index = {"format": FORMAT_VERSION, "image_size": image_size, "encoding": asdict(encoding),
              "ids": [sample.id for sample in samples], "data_root": str(Path(samples[0].image).resolve().parents[1])}
     (folder / INDEX).write_text(json.dumps(index, indent=1))
+
+
+def _remove_abandoned_builds(cache_dir: Path) -> None:
+    """Remove ``.building-*`` folders of this machine whose process is gone (a run killed while decoding)."""
+    host = socket.gethostname()
+    for folder in cache_dir.glob(f".building-{host}-*"):
+        pid = folder.name.removeprefix(f".building-{host}-").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def entry_damage(folder: Path, ids: Sequence[str], image_size: int) -> str | None:
@@ -210,10 +233,13 @@ def open_or_build(samples: Sequence[Sample], image_size: int, encoding: MaskEnco
         cache_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(cache_dir).free
         if free < 2 * needed:
-            raise CacheUnavailable(f"{cache_dir} has {free / 2**20:.0f} MiB free; the entry needs {needed / 2**20:.0f} MiB")
-        building = Path(tempfile.mkdtemp(prefix=f".building-{entry.name}-", dir=cache_dir))
+            raise CacheUnavailable(f"{cache_dir} has {free / 2**20:.0f} MiB free; kvseg asks for twice the entry's "
+                                   f"{needed / 2**20:.0f} MiB")
+        _remove_abandoned_builds(cache_dir)
+        building = Path(tempfile.mkdtemp(prefix=f".building-{socket.gethostname()}-{os.getpid()}-{entry.name}-",
+                                         dir=cache_dir))
     except OSError as exc:
-        raise CacheUnavailable(f"{cache_dir}: {exc.strerror or exc}") from None
+        raise CacheUnavailable(f"{cache_dir}: cannot write there ({exc.strerror or exc})") from None
     start = time.perf_counter()
     try:
         _write_entry(building, samples, image_size, encoding)

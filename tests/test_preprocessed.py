@@ -75,9 +75,13 @@ def test_a_broken_file_leaves_no_entry_behind(dataset_copy: Path, tmp_path: Path
 
 
 def test_the_cache_is_never_inside_the_data_folder(dataset_copy: Path) -> None:
-    with pytest.raises(ConfigError, match="data.cache_dir.*inside the data folder"):
+    with pytest.raises(ConfigError, match="config key 'data.cache_dir' is .*inside the data folder"):
         resolve_cache_dir(str(dataset_copy / "cache"), dataset_copy)
     assert resolve_cache_dir("", dataset_copy) == Path(os.environ["KVSEG_CACHE_DIR"])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KVSEG_CACHE_DIR", str(dataset_copy / ".cache"))
+        with pytest.raises(ConfigError, match=r"^\$KVSEG_CACHE_DIR is .*inside the data folder"):
+            resolve_cache_dir("", dataset_copy)
 
 
 def test_an_unwritable_cache_falls_back_to_shared_memory_with_one_line(dataset_copy: Path, tmp_path: Path) -> None:
@@ -111,7 +115,7 @@ def test_datasets_read_the_cache_in_workers_and_pickle_no_arrays(dataset_copy: P
 
 def test_cache_setting_and_its_legacy_bool() -> None:
     assert load_config().data.cache == "disk"
-    assert load_config(overrides=["data.cache=true"]).data.cache == "memory"
+    assert load_config(overrides=["data.cache=true"]).data.cache == "disk"
     assert load_config(overrides=["data.cache=false"]).data.cache == "off"
     with pytest.raises(ConfigError, match="'data.cache' is 'ram'; expected one of disk, memory, off"):
         load_config(overrides=["data.cache=ram"])
