@@ -47,6 +47,9 @@ class SegmentationDataset(Dataset):
         EmptyDatasetError: ``samples`` is empty.
         ValueError: ``frames`` was made at another size or lacks one of the samples.
 
+    Where shared memory cannot be had (a small ``/dev/shm``), the dataset says so once and decodes
+    every read instead.
+
     Random augmentations are seeded per sample from ``(seed, epoch, index)``, so they are
     reproducible for a seed, differ across epochs, workers and processes, and do not depend on the
     number of workers (see :meth:`set_epoch`).
@@ -76,11 +79,18 @@ class SegmentationDataset(Dataset):
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if cache and frames is None:
             n, s = len(self.samples), image_size
-            self._cache = (
-                torch.empty((n, s, s, 3), dtype=torch.uint8).share_memory_(),
-                torch.empty((n, s, s), dtype=torch.uint8).share_memory_(),
-                torch.zeros(n, dtype=torch.bool).share_memory_(),
-            )
+            try:
+                self._cache = (
+                    torch.empty((n, s, s, 3), dtype=torch.uint8).share_memory_(),
+                    torch.empty((n, s, s), dtype=torch.uint8).share_memory_(),
+                    torch.zeros(n, dtype=torch.bool).share_memory_(),
+                )
+            except RuntimeError as exc:  # /dev/shm too small (Docker's default is 64 MB): decode every read
+                note = (f"note: no shared-memory cache ({str(exc).splitlines()[0][:120]}); decoding every read "
+                        "(a larger /dev/shm, e.g. docker run --shm-size=2g, or data.cache=disk avoids it)")
+                if note not in _NOTES_GIVEN:
+                    _NOTES_GIVEN.add(note)
+                    print(note)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -160,3 +160,21 @@ def test_a_damaged_entry_is_said_and_written_again(dataset_copy: Path, tmp_path:
     assert lines[0].startswith(f"note: cache entry {entry} is damaged") and "decoded 32 pairs" in lines[1]
     assert frames.folder == entry
     assert np.array_equal(frames.pair(samples[-1].id)[1], decode_pair(samples[-1], 32, BINARY)[1])
+
+
+def test_no_shared_memory_means_decoding_with_one_note(dataset_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    share = torch.Tensor.share_memory_
+
+    def no_space(self: torch.Tensor) -> torch.Tensor:  # room for the epoch counter, none for the images
+        if self.numel() > 1:
+            raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1>: No space left on device (28)")
+        return share(self)
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_space)
+    samples = list(find_samples(dataset_copy).values())[:4]
+    datasets = [SegmentationDataset(samples, 32, cache=True) for _ in range(2)]
+    assert [d.source for d in datasets] == ["decoding", "decoding"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("note: no shared-memory cache (unable to allocate shared memory")
+    assert torch.equal(datasets[0][0][0], torch.from_numpy(decode_pair(samples[0], 32, BINARY)[0]))
