@@ -42,17 +42,16 @@ class SegmentationDataset(Dataset):
     decoded arrays are read from there. Otherwise, with ``cache=True`` they live in shared memory,
     allocated once in the process that builds the dataset: DataLoader workers fill it on first read
     and every worker, in every later epoch, reads from the same memory instead of decoding again.
-
-    Raises:
-        EmptyDatasetError: ``samples`` is empty.
-        ValueError: ``frames`` was made at another size or lacks one of the samples.
-
     Where shared memory cannot be had (a small ``/dev/shm``), the dataset says so once and decodes
     every read instead.
 
     Random augmentations are seeded per sample from ``(seed, epoch, index)``, so they are
     reproducible for a seed, differ across epochs, workers and processes, and do not depend on the
     number of workers (see :meth:`set_epoch`).
+
+    Raises:
+        EmptyDatasetError: ``samples`` is empty.
+        ValueError: ``frames`` was made at another size or lacks one of the samples.
     """
 
     def __init__(
