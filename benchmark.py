@@ -39,15 +39,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from kvseg.backends import BACKENDS, MODEL_PRECISION
-from kvseg.bench import benchmark_run
-from kvseg.bench_report import to_markdown
-from kvseg.bench_training import DEFAULT, FULL, Budget
-from kvseg.checkpoint import write_json_atomic
+from kvseg.bench.report import to_markdown
+from kvseg.bench.run import benchmark_run
+from kvseg.bench.training import DEFAULT, FULL, Budget
 from kvseg.cli import run_cli
+from kvseg.deploy.backends import BACKENDS, MODEL_PRECISION
+from kvseg.deploy.export import export_run
 from kvseg.errors import KvsegError
-from kvseg.export import export_run
-from kvseg.runs import RunDir, latest_run
+from kvseg.runs.checkpoint import write_json_atomic
+from kvseg.runs.folder import RunDir, latest_run
 
 
 def _int_list(text: str) -> list[int]:

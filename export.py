@@ -16,12 +16,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvseg.checkpoint import write_json_atomic
 from kvseg.cli import run_cli
+from kvseg.deploy.export import export_run
+from kvseg.deploy.onnx_model import DEFAULT_OPSET
 from kvseg.errors import CheckpointError
-from kvseg.export import export_run
-from kvseg.onnx_model import DEFAULT_OPSET
-from kvseg.runs import RunDir, latest_run
+from kvseg.runs.checkpoint import write_json_atomic
+from kvseg.runs.folder import RunDir, latest_run
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

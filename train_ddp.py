@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 from kvseg.cli import run_cli
 from kvseg.config import load_config
-from kvseg.factory import RunOptions
-from kvseg.runs import open_run
-from kvseg.train import run_training
+from kvseg.runs.folder import open_run
+from kvseg.training.factory import RunOptions
+from kvseg.training.train import run_training
 
 FLAG_FIELDS = {
     "data_dir": "data.root",

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from kvseg.checkpoint import load_trained_model, threshold_of, write_json_atomic
 from kvseg.cli import run_cli
 from kvseg.errors import CheckpointError
-from kvseg.evaluate import evaluate, torch_logits
-from kvseg.runs import open_run
+from kvseg.evaluation.evaluate import evaluate, torch_logits
+from kvseg.runs.checkpoint import load_trained_model, threshold_of, write_json_atomic
+from kvseg.runs.folder import open_run
 
 
 def curve(run_dir: str | Path) -> dict:

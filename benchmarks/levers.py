@@ -4,8 +4,8 @@
                                 [--set data.cache=disk] [--json levers.json] [--md levers.md]
 
 Every lever runs in its own process (so that an allocator, chosen when a process starts, really
-changes) as the harness of ``benchmark.py`` (:class:`kvseg.bench_training.Harness`: the run's
-config, its training split, :func:`kvseg.train.train_one_epoch`), with one environment variable or
+changes) as the harness of ``benchmark.py`` (:class:`kvseg.bench.training.Harness`: the run's
+config, its training split, :func:`kvseg.training.train.train_one_epoch`), with one environment variable or
 one ``--set`` changed (``LEVERS``). After ``--warmup`` steps (which include any compiling, timed
 apart), ``--steps`` optimizer steps are timed. Two processes of the same setting differ by up to
 about 10% on a shared 2-core machine, so ``--repeats`` runs the whole list that many times, in
@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 
 from kvseg.allocator import DONE as ALLOCATOR_ACTIVE
-from kvseg.bench_training import Harness
+from kvseg.bench.training import Harness
 from kvseg.cli import run_cli
 from kvseg.config import load_config
 from kvseg.errors import ConfigError
-from kvseg.runs import RunDir
+from kvseg.runs.folder import RunDir
 from kvseg.runtime import describe_machine, usable_cores
 
 # name -> (what changes, environment, --set overrides)

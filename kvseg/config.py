@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kvseg.errors import ConfigError
-from kvseg.tta import check_transforms
+from kvseg.evaluation.tta import check_transforms
 
 
 @dataclass
@@ -33,7 +33,7 @@ class DataConfig:
     test_fraction: float = 0.2  # used only when the folder has no train.txt / test.txt
     val_fraction: float = 0.15  # of the training ids, drawn by split_seed, when the folder has no val.txt; 0: none
     split_seed: int = 0
-    cache: str = "disk"  # decoded, resized pairs: "disk" (kept across runs, kvseg.preprocessed), "memory" (one run), "off"
+    cache: str = "disk"  # decoded, resized pairs: "disk" (kept across runs, kvseg.data.preprocessed), "memory" (one run), "off"
     cache_dir: str = ""  # where "disk" keeps them; empty: $KVSEG_CACHE_DIR, else ~/.cache/kvseg (never the data folder)
     num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per process (at least 1)
     # The synthetic stand-in written when ``root`` does not exist and no data dir was given.
@@ -118,7 +118,7 @@ class Config:
 
 _CHOICES = {
     "data.cache": ("disk", "memory", "off"),
-    "data.mask_encoding": ("auto", "binary-0-255", "binary-0-1", "labels", "palette"),  # kvseg.masks.ENCODINGS
+    "data.mask_encoding": ("auto", "binary-0-255", "binary-0-1", "labels", "palette"),  # kvseg.data.masks.ENCODINGS
     "model.upsample": ("transpose", "bilinear"),
     "train.optimizer": ("adam", "adamw"),
     "train.scheduler": ("none", "cosine", "warmup_cosine", "onecycle"),

@@ -18,16 +18,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from kvseg.checkpoint import save_model_checkpoint
 from kvseg.cli import run_cli
 from kvseg.config import config_to_yaml, load_config
-from kvseg.data import find_samples
-from kvseg.dataset import build_dataloaders, build_datasets
-from kvseg.evaluate import EvalResult, evaluate
-from kvseg.model import build_model
-from kvseg.runs import RunDir
-from kvseg.splits import resolve_split, write_split
-from kvseg.synthetic import write_synthetic_dataset
+from kvseg.data.dataset import build_dataloaders, build_datasets
+from kvseg.data.folder import find_samples
+from kvseg.data.splits import resolve_split, write_split
+from kvseg.data.synthetic import write_synthetic_dataset
+from kvseg.evaluation.evaluate import EvalResult, evaluate
+from kvseg.models.unet import build_model
+from kvseg.runs.checkpoint import save_model_checkpoint
+from kvseg.runs.folder import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 

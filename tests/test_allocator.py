@@ -13,7 +13,7 @@ import pytest
 import kvseg.allocator
 from conftest import REPO, entry_point
 from kvseg.allocator import DONE, ENV, GLIBC_TUNING, allocator_environment, preloaded_malloc
-from kvseg.backends import Skipped, build_backend
+from kvseg.deploy.backends import Skipped, build_backend
 
 
 def test_glibc_keeps_large_blocks_and_sets_no_preload() -> None:

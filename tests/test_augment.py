@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kvseg.augment import build_eval_transform, build_train_transform
 from kvseg.config import AugmentConfig
-from kvseg.data import Sample
-from kvseg.dataset import SegmentationDataset
-from kvseg.synthetic import write_synthetic_dataset
+from kvseg.data.augment import build_eval_transform, build_train_transform
+from kvseg.data.dataset import SegmentationDataset
+from kvseg.data.folder import Sample
+from kvseg.data.synthetic import write_synthetic_dataset
 
 
 def _pattern(size: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import disk_mask
-from kvseg.data import find_samples, read_image
-from kvseg.dataset import SegmentationDataset
+from kvseg.data.dataset import SegmentationDataset
+from kvseg.data.folder import find_samples, read_image
+from kvseg.data.masks import MaskEncoding, read_mask
+from kvseg.data.splits import resolve_split, write_split
 from kvseg.errors import (
     CorruptImageError,
     DatasetNotFoundError,
@@ -17,8 +19,6 @@ from kvseg.errors import (
     OrphanMaskError,
     SplitError,
 )
-from kvseg.masks import MaskEncoding, read_mask
-from kvseg.splits import resolve_split, write_split
 
 
 def test_reads_official_layout(synthetic_root: Path) -> None:

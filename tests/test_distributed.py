@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
-from kvseg.distributed import WORLD_SIZE_VARIABLES, ProcessGroupError, check_process_group
+from kvseg.training.distributed import WORLD_SIZE_VARIABLES, ProcessGroupError, check_process_group
 
 LAUNCHER_VARIABLES = ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", *WORLD_SIZE_VARIABLES)
 # What accelerate's simple launcher puts into the process it starts for

@@ -1,4 +1,4 @@
-"""export.py and kvseg.export on a freshly trained model: parity at another shape, metadata, rules, fail-closed, errors."""
+"""export.py and kvseg.deploy.export on a freshly trained model: parity at another shape, metadata, rules, fail-closed, errors."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import kvseg.export
+import kvseg.deploy.export
 from conftest import REPO, cli_error
-from kvseg.checkpoint import load_trained_model, set_threshold
+from kvseg.deploy.export import VerificationError, export_run
+from kvseg.deploy.onnx_model import read_metadata
+from kvseg.deploy.predict import onnx_predictor, torch_predictor
 from kvseg.errors import CheckpointError
-from kvseg.export import VerificationError, export_run
-from kvseg.onnx_model import read_metadata
-from kvseg.predict import onnx_predictor, torch_predictor
+from kvseg.runs.checkpoint import load_trained_model, set_threshold
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_fp16_and_int8_report_their_iou_change(exported: tuple[Path, subprocess.
 
 
 def test_failed_verification_leaves_no_model(fresh_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kvseg.export, "FP32_MAX_ABS", 0.0)
+    monkeypatch.setattr(kvseg.deploy.export, "FP32_MAX_ABS", 0.0)
     output = tmp_path / "model.onnx"
     with pytest.raises(VerificationError, match=r"max \|logit diff\|"):
         export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, log=lambda _: None)
@@ -94,7 +94,7 @@ def test_failed_verification_leaves_no_model(fresh_run: Path, tmp_path: Path, mo
 
 
 def test_int8_that_loses_iou_fails_closed(fresh_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kvseg.export, "INT8_MAX_IOU_DROP", -1.0)  # any int8 model now "loses" too much
+    monkeypatch.setattr(kvseg.deploy.export, "INT8_MAX_IOU_DROP", -1.0)  # any int8 model now "loses" too much
     output = tmp_path / "model.onnx"
     with pytest.raises(VerificationError, match=r"int8 verification failed: test IoU .* limit -1"):
         export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "int8"),
@@ -112,7 +112,7 @@ def test_a_tuned_threshold_reaches_the_onnx_metadata_and_predict(fresh_run: Path
 
 
 def test_fp16_can_fail_its_rule(fresh_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kvseg.export, "FP16_MIN_SAME_CLASS", 1.01)  # no fp16 model can reach this
+    monkeypatch.setattr(kvseg.deploy.export, "FP16_MIN_SAME_CLASS", 1.01)  # no fp16 model can reach this
     output = tmp_path / "model.onnx"
     with pytest.raises(VerificationError, match=r"fp16 verification failed: same class on"):
         export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "fp16"),

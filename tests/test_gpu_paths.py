@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kvseg.factory
+import kvseg.training.factory
 from kvseg.config import load_config
 from kvseg.errors import ConfigError
-from kvseg.factory import build_accelerator, prepare_model
+from kvseg.training.factory import build_accelerator, prepare_model
 
 
 def _sync_batchnorm_layers(model: torch.nn.Module) -> int:
@@ -28,7 +28,7 @@ def test_syncbatchnorm_only_with_several_gpu_processes() -> None:
 
 
 def test_gpu_only_settings_on_the_cpu_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kvseg.factory, "no_accelerator", lambda: True)
+    monkeypatch.setattr(kvseg.training.factory, "no_accelerator", lambda: True)
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):  # accelerate would silently train in fp32
         build_accelerator(load_config(), "fp16")
     with pytest.raises(ConfigError, match="sync_batchnorm"):
@@ -36,7 +36,7 @@ def test_gpu_only_settings_on_the_cpu_are_refused(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_gpu_run_copies_batches_without_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kvseg.factory, "no_accelerator", lambda: False)
+    monkeypatch.setattr(kvseg.training.factory, "no_accelerator", lambda: False)
     accelerator = build_accelerator(load_config(), "no")
     assert accelerator.dataloader_config.non_blocking
 
@@ -45,12 +45,12 @@ def test_a_gpu_run_copies_batches_without_blocking(monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_a_gpu(precision: str, synthetic_root) -> None:
     """One short epoch on CUDA: finite loss, and a gradient scaler exactly for fp16."""
-    from kvseg.data import find_samples
-    from kvseg.dataset import build_dataloaders, build_datasets
-    from kvseg.losses import build_loss
-    from kvseg.optim import build_optimizer
-    from kvseg.splits import resolve_split
-    from kvseg.train import train_one_epoch
+    from kvseg.data.dataset import build_dataloaders, build_datasets
+    from kvseg.data.folder import find_samples
+    from kvseg.data.splits import resolve_split
+    from kvseg.models.losses import build_loss
+    from kvseg.training.optim import build_optimizer
+    from kvseg.training.train import train_one_epoch
 
     cfg = load_config(overrides=["data.image_size=64", "data.num_workers=0", "model.base_channels=8", "model.depth=3"])
     accelerator = build_accelerator(cfg, precision)

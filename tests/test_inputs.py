@@ -21,17 +21,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import REPO, TINY_TRAINING, cli_error
-from kvseg.augment import build_eval_transform
-from kvseg.check import check_folder
-from kvseg.check import main as check_main
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig, load_config
-from kvseg.data import find_samples, read_image, scan_folder
-from kvseg.dataset import SegmentationDataset
+from kvseg.data.augment import build_eval_transform
+from kvseg.data.check import check_folder
+from kvseg.data.check import main as check_main
+from kvseg.data.dataset import SegmentationDataset
+from kvseg.data.folder import find_samples, read_image, scan_folder
+from kvseg.data.masks import MaskEncoding
 from kvseg.errors import ConfigError, ImageTooLargeError, MaskEncodingError, MissingMaskError
-from kvseg.masks import MaskEncoding
-from kvseg.model import UNet
-from kvseg.runs import Progress, RunDir, eval_datasets
+from kvseg.models.unet import UNet
+from kvseg.runs.folder import Progress, RunDir, eval_datasets
 
 KVASIR_SEG = REPO.parent / "shared" / "data" / "kvasir-seg-dev"  # Jha et al., "Kvasir-SEG", MMM 2020
 
@@ -202,7 +202,7 @@ def _png_header(width: int, height: int) -> bytes:
 def test_large_images_are_refused_naming_max_pixels(predict_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
     # Case 8: a 200-megapixel frame; Pillow's guard refuses it. predict names --max-pixels, which allows it.
-    from kvseg.predict import main as predict_main
+    from kvseg.deploy.predict import main as predict_main
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     (tmp_path / "huge.png").write_bytes(_png_header(20000, 10000))  # 200 MP: Pillow itself raises
@@ -261,8 +261,8 @@ def test_gif_and_webp_masks_are_read_and_skipped_files_named(tmp_path: Path) -> 
 
 def test_report_renders_when_every_test_mask_is_empty(predict_run: Path, synthetic_root: Path, tmp_path: Path) -> None:
     # Case 9: frames without instruments; AP and ROC AUC are undefined, every figure still renders.
-    from kvseg.report import FIGURES
-    from kvseg.report import main as report_main
+    from kvseg.evaluation.report import FIGURES
+    from kvseg.evaluation.report import main as report_main
 
     data = Path(shutil.copytree(synthetic_root, tmp_path / "data"))
     for sample_id in (predict_run / "test.txt").read_text().split():
@@ -314,7 +314,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_next(dataset_copy: Path, 
 
 
 def test_a_loss_that_is_not_finite_in_epoch_1_names_no_checkpoint(tmp_path: Path) -> None:
-    from kvseg.train import EpochStats, NonFiniteLossError, check_finite
+    from kvseg.training.train import EpochStats, NonFiniteLossError, check_finite
 
     run = RunDir(tmp_path / "run")
     run.checkpoints.mkdir(parents=True)

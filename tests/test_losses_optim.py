@@ -7,11 +7,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from kvseg.config import TrainConfig
-from kvseg.evaluate import EvalResult
-from kvseg.losses import LOSSES, build_loss
-from kvseg.optim import build_ema, build_optimizer, build_scheduler
-from kvseg.runs import Progress, RunDir
-from kvseg.saver import CheckpointSaver
+from kvseg.evaluation.evaluate import EvalResult
+from kvseg.models.losses import LOSSES, build_loss
+from kvseg.runs.folder import Progress, RunDir
+from kvseg.training.optim import build_ema, build_optimizer, build_scheduler
+from kvseg.training.saver import CheckpointSaver
 
 BIG = 20.0
 
@@ -87,7 +87,7 @@ def test_ema_averages_weights_and_batchnorm_statistics() -> None:
 
 
 def _result(dice: float, loss: float) -> EvalResult:
-    from kvseg.metrics import ConfusionMatrix, Scores
+    from kvseg.evaluation.metrics import ConfusionMatrix, Scores
 
     scores = Scores(iou=dice, dice=dice, precision=1, recall=1, accuracy=1, specificity=1)
     return EvalResult(loss, "bce", scores, scores, None, None, ConfusionMatrix(0, 0, 0, 0), 0.5, [], {})

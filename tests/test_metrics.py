@@ -15,8 +15,8 @@ from sklearn.metrics import (
 from torch.utils.data import DataLoader
 
 from conftest import TensorSplit, score
-from kvseg.evaluate import tune_threshold
-from kvseg.metrics import scores_from_counts
+from kvseg.evaluation.evaluate import tune_threshold
+from kvseg.evaluation.metrics import scores_from_counts
 
 BIG = 30.0  # a logit far from the threshold
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kvseg.config import ModelConfig
-from kvseg.model import UNet, build_model
+from kvseg.models.unet import UNet, build_model
 
 
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])

@@ -1,4 +1,4 @@
-"""The persistent on-disk frame cache (kvseg.preprocessed) and the loader-only benchmark."""
+"""The persistent on-disk frame cache (kvseg.data.preprocessed) and the loader-only benchmark."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import kvseg.preprocessed
-from kvseg.bench_loader import loader_markdown, measure_loader, worker_counts
+import kvseg.data.preprocessed
+from kvseg.bench.loader import loader_markdown, measure_loader, worker_counts
 from kvseg.config import load_config
-from kvseg.data import find_samples
-from kvseg.dataset import SegmentationDataset, build_datasets, dataset_frames
-from kvseg.encodings import dataset_encoding
+from kvseg.data.dataset import SegmentationDataset, build_datasets, dataset_frames
+from kvseg.data.encodings import dataset_encoding
+from kvseg.data.folder import find_samples
+from kvseg.data.masks import MaskEncoding
+from kvseg.data.preprocessed import CacheUnavailable, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.errors import ConfigError, CorruptImageError
-from kvseg.masks import MaskEncoding
-from kvseg.preprocessed import CacheUnavailable, decode_pair, open_or_build, resolve_cache_dir
 
 BINARY = MaskEncoding("binary-0-255")
 
@@ -45,7 +45,7 @@ def test_entry_holds_the_decoded_pairs_and_a_second_open_decodes_nothing(dataset
     def no_decoding(*args: object) -> None:
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(kvseg.preprocessed, "decode_pair", no_decoding)
+    monkeypatch.setattr(kvseg.data.preprocessed, "decode_pair", no_decoding)
     again = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lines.append)
     assert again.folder == frames.folder and len(lines) == 1
     assert np.array_equal(again.pair(samples[0].id)[0], frames.pair(samples[0].id)[0])

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from kvseg.cli import run_cli
-from kvseg.export import export_run
-from kvseg.predict import main as predict_main
-from kvseg.report import FIGURES
-from kvseg.tta import ALL_TRANSFORMS, DIHEDRAL, tta_logits
+from kvseg.deploy.export import export_run
+from kvseg.deploy.predict import main as predict_main
+from kvseg.evaluation.report import FIGURES
+from kvseg.evaluation.tta import ALL_TRANSFORMS, DIHEDRAL, tta_logits
 
 
 def _module(*args: str) -> subprocess.CompletedProcess:

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.data import find_samples, read_image
-from kvseg.masks import MaskEncoding, read_mask
-from kvseg.splits import resolve_split
-from kvseg.synthetic import write_synthetic_dataset
+from kvseg.data.folder import find_samples, read_image
+from kvseg.data.masks import MaskEncoding, read_mask
+from kvseg.data.splits import resolve_split
+from kvseg.data.synthetic import write_synthetic_dataset
 
 BINARY = MaskEncoding("binary-0-255")  # the stand-in's PNG masks are 0/255
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_TRAINING, cli_error
-from kvseg.checkpoint import load_trained_model
-from kvseg.report import FIGURES
-from kvseg.runs import RunDir
-from kvseg.tta import ALL_TRANSFORMS
+from kvseg.evaluation.report import FIGURES
+from kvseg.evaluation.tta import ALL_TRANSFORMS
+from kvseg.runs.checkpoint import load_trained_model
+from kvseg.runs.folder import RunDir
 
 TINY = TINY_TRAINING
 TWO_CPU_PROCESSES = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml")]

@@ -7,14 +7,14 @@ import torch
 from accelerate import Accelerator
 
 from kvseg.config import load_config
-from kvseg.data import find_samples
-from kvseg.dataset import build_dataloaders, build_datasets
-from kvseg.evaluate import evaluate, torch_logits
-from kvseg.factory import prepare_model
-from kvseg.losses import build_loss
-from kvseg.optim import build_optimizer
-from kvseg.splits import resolve_split
-from kvseg.train import train_one_epoch
+from kvseg.data.dataset import build_dataloaders, build_datasets
+from kvseg.data.folder import find_samples
+from kvseg.data.splits import resolve_split
+from kvseg.evaluation.evaluate import evaluate, torch_logits
+from kvseg.models.losses import build_loss
+from kvseg.training.factory import prepare_model
+from kvseg.training.optim import build_optimizer
+from kvseg.training.train import train_one_epoch
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from conftest import REPO, TINY_TRAINING, free_port
-from kvseg.synthetic import write_synthetic_dataset
+from kvseg.data.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -22,18 +22,18 @@ import pytest
 import torch
 
 from conftest import REPO
-from kvseg.augment import build_eval_transform
-from kvseg.backends import ort_cpu_backend
-from kvseg.bench_video import measure_video, video_markdown
+from kvseg.bench.video import measure_video, video_markdown
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
-from kvseg.data import read_image
-from kvseg.export import export_run
-from kvseg.plots import overlay
-from kvseg.predict import Predictor, main
-from kvseg.runs import RunDir
-from kvseg.video import VideoOptions, segment_video
-from kvseg.video_io import VideoInfo, VideoSource
+from kvseg.data.augment import build_eval_transform
+from kvseg.data.folder import read_image
+from kvseg.deploy.backends import ort_cpu_backend
+from kvseg.deploy.export import export_run
+from kvseg.deploy.predict import Predictor, main
+from kvseg.evaluation.plots import overlay
+from kvseg.runs.folder import RunDir
+from kvseg.video.io import VideoInfo, VideoSource
+from kvseg.video.segment import VideoOptions, segment_video
 
 FPS = 25
 
@@ -257,9 +257,9 @@ def test_memory_does_not_grow_with_the_length_of_the_video(onnx_run: Path, tmp_p
     script = textwrap.dedent(f"""
         import dataclasses, json, re, sys, time
         from pathlib import Path
-        from kvseg.predict import onnx_predictor
-        from kvseg.video import VideoOptions, segment_video
-        from kvseg.video_io import open_source
+        from kvseg.deploy.predict import onnx_predictor
+        from kvseg.video.segment import VideoOptions, segment_video
+        from kvseg.video.io import open_source
 
         def status_kib(key):
             return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))

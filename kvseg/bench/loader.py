@@ -6,7 +6,7 @@ read two ways, each by 0, 1, 2, 4, ... workers up to this process's cores:
 
 * ``decode``: every read decodes the files and resizes, as a loader without any cache does (and as
   a run's first epoch does without the disk cache);
-* ``disk cache``: every read comes from a :mod:`kvseg.preprocessed` entry, as later runs read.
+* ``disk cache``: every read comes from a :mod:`kvseg.data.preprocessed` entry, as later runs read.
 
 Both run the run's random training augmentations and collate batches of the run's batch size.
 The entry is built in a temporary folder and removed after, so the benchmark leaves no large
@@ -22,12 +22,12 @@ from collections.abc import Callable, Sequence
 
 from torch.utils.data import DataLoader
 
-from kvseg.augment import build_train_transform
 from kvseg.config import Config
-from kvseg.data import Sample
-from kvseg.dataset import SegmentationDataset
-from kvseg.masks import MaskEncoding
-from kvseg.preprocessed import CacheUnavailable, open_or_build
+from kvseg.data.augment import build_train_transform
+from kvseg.data.dataset import SegmentationDataset
+from kvseg.data.folder import Sample
+from kvseg.data.masks import MaskEncoding
+from kvseg.data.preprocessed import CacheUnavailable, open_or_build
 from kvseg.runtime import single_threaded_opencv, usable_cores
 
 LOADER_SIZES = (512,)  # measured besides the run's own size

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kvseg.bench_loader import loader_markdown
-from kvseg.bench_video import video_markdown
+from kvseg.bench.loader import loader_markdown
+from kvseg.bench.video import video_markdown
 
 
 def to_markdown(report: dict) -> str:

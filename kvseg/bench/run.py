@@ -1,8 +1,8 @@
 """Benchmark a trained run: inference latency per backend, IoU parity with PyTorch fp32, training speed.
 
-Backends are described in :mod:`kvseg.backends`; parity is :func:`kvseg.evaluate.evaluate` of each
-backend against torch-fp32 on the test split; training speed is :mod:`kvseg.bench_training`; the
-Markdown report is :mod:`kvseg.bench_report`. GPU timings synchronise before the clock is read.
+Backends are described in :mod:`kvseg.deploy.backends`; parity is :func:`kvseg.evaluation.evaluate.evaluate` of each
+backend against torch-fp32 on the test split; training speed is :mod:`kvseg.bench.training`; the
+Markdown report is :mod:`kvseg.bench.report`. GPU timings synchronise before the clock is read.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kvseg.backends import Backend, Skipped, build_backend
-from kvseg.bench_loader import measure_loader
-from kvseg.bench_training import DEFAULT, Budget, history_summary, measure_training
-from kvseg.bench_video import measure_run_video
-from kvseg.checkpoint import threshold_of
-from kvseg.evaluate import LogitsFn, evaluate
-from kvseg.runs import RunDir
+from kvseg.bench.loader import measure_loader
+from kvseg.bench.training import DEFAULT, Budget, history_summary, measure_training
+from kvseg.bench.video import measure_run_video
+from kvseg.deploy.backends import Backend, Skipped, build_backend
+from kvseg.evaluation.evaluate import LogitsFn, evaluate
+from kvseg.runs.checkpoint import threshold_of
+from kvseg.runs.folder import RunDir
 from kvseg.runtime import describe_machine
 
 FP32_IOU_TOLERANCE = 1e-4  # an fp32 ONNX backend further than this from torch-fp32 is flagged
@@ -116,7 +116,7 @@ def benchmark_run(
     """Latency, parity and (with ``train``) training speed for ``run``; returns the report dict (see the README).
 
     ``budget`` sizes every measurement. With ``loader``, also data loading alone
-    (:mod:`kvseg.bench_loader`); with ``video_frames``, the end-to-end video row (:mod:`kvseg.bench_video`).
+    (:mod:`kvseg.bench.loader`); with ``video_frames``, the end-to-end video row (:mod:`kvseg.bench.video`).
     """
     model, cfg, payload = run.load_model()
     datasets = run.eval_datasets(cfg, data_dir)

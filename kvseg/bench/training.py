@@ -1,7 +1,7 @@
 """Training speed: kvseg's own training loop against a plain fp32 loop, where its time goes, and the study's epoch.
 
-The harness is timed in :func:`kvseg.train.train_one_epoch` itself, set up as a run sets it up;
-the same loop then splits its steps into phases (:class:`kvseg.train.PhaseTimer`) and runs under
+The harness is timed in :func:`kvseg.training.train.train_one_epoch` itself, set up as a run sets it up;
+the same loop then splits its steps into phases (:class:`kvseg.training.train.PhaseTimer`) and runs under
 ``torch.profiler`` for the top operators. The study trained 472 images per epoch in 300 s
 (:data:`STUDY_TRAIN_IMAGES`, :data:`STUDY_SECONDS_PER_EPOCH`); it gives neither its image size nor
 its U-Net width, so the projection uses the run's.
@@ -21,18 +21,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
-from kvseg.augment import build_train_transform
 from kvseg.config import Config
-from kvseg.data import Sample
-from kvseg.dataset import SegmentationDataset, build_dataloaders
-from kvseg.factory import build_accelerator, prepare_model
-from kvseg.losses import build_loss
-from kvseg.masks import MaskEncoding
-from kvseg.model import build_model
-from kvseg.optim import build_optimizer
-from kvseg.preprocessed import PreprocessedFrames
+from kvseg.data.augment import build_train_transform
+from kvseg.data.dataset import SegmentationDataset, build_dataloaders
+from kvseg.data.folder import Sample
+from kvseg.data.masks import MaskEncoding
+from kvseg.data.preprocessed import PreprocessedFrames
+from kvseg.models.losses import build_loss
+from kvseg.models.unet import build_model
 from kvseg.runtime import cpu_threads_per_process, resolve_mixed_precision
-from kvseg.train import PHASES, PhaseTimer, train_one_epoch
+from kvseg.training.factory import build_accelerator, prepare_model
+from kvseg.training.optim import build_optimizer
+from kvseg.training.train import PHASES, PhaseTimer, train_one_epoch
 
 STUDY_SECONDS_PER_EPOCH = 300.0
 STUDY_TRAIN_IMAGES = 472
@@ -56,7 +56,7 @@ class Budget:
     warm_up_a_whole_epoch: bool = False  # fills the decoded-image cache first, as epoch 1 of a run does
     phase_steps: int = 4
     profile_steps: int = 3
-    loader_seconds: float = 2.0  # per image size, source and worker count (kvseg.bench_loader)
+    loader_seconds: float = 2.0  # per image size, source and worker count (kvseg.bench.loader)
 
     def iters(self, seconds_per_call: float) -> int:
         return min(self.max_iters, max(self.min_iters, math.ceil(self.latency_seconds / max(seconds_per_call, 1e-6))))
@@ -147,7 +147,7 @@ class Harness:
 
 
 def phase_split(harness: Harness, steps: int) -> dict:
-    """Milliseconds per step and share of each phase of the harness's step (:data:`kvseg.train.PHASES`)."""
+    """Milliseconds per step and share of each phase of the harness's step (:data:`kvseg.training.train.PHASES`)."""
     timer = PhaseTimer(harness.accelerator.device)
     harness.run(steps, timer)
     total = sum(timer.seconds.values())
@@ -179,7 +179,7 @@ def measure_training(cfg: Config, train_set: SegmentationDataset, budget: Budget
                      log: Callable[[str], None] = print) -> dict:
     """The harness's training loop against a plain fp32 NCHW loop of the same model, in one process.
 
-    Harness: :func:`~kvseg.train.train_one_epoch` with the precision kvseg picks
+    Harness: :func:`~kvseg.training.train.train_one_epoch` with the precision kvseg picks
     (``--mixed-precision auto``; bf16 on a GPU that has it, as the GPU launcher files set),
     channels_last, DataLoader workers and the cache, as ``train_ddp.py`` runs by default; then its
     phase split and top operators. Plain: fp32, NCHW, no workers, no cache — the loop a study would

@@ -1,7 +1,7 @@
 """The benchmark's video row: end-to-end frames per second on a 720p clip, per backend.
 
 A clip made from the run's test images (each shown for ten frames while a 16:9 window pans over it,
-H.264 at 25 fps) is segmented by :func:`kvseg.video.segment_video` as ``python -m kvseg.predict``
+H.264 at 25 fps) is segmented by :func:`kvseg.video.segment.segment_video` as ``python -m kvseg.predict``
 segments a video (decode, preprocess, inference, postprocess, overlay encode, batch 1), once per
 backend. The real-time factor is the processed fps over 25 and over 30 fps: at 1.0 or more the model
 keeps up with such a stream. The load average before and after each row is recorded, since the
@@ -19,13 +19,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kvseg.augment import build_eval_transform
-from kvseg.backends import Backend
 from kvseg.config import Config
-from kvseg.data import read_image
-from kvseg.predict import Predictor
-from kvseg.video import STAGES, VideoOptions, segment_video
-from kvseg.video_io import FileSource, VideoWriter
+from kvseg.data.augment import build_eval_transform
+from kvseg.data.folder import read_image
+from kvseg.deploy.backends import Backend
+from kvseg.deploy.predict import Predictor
+from kvseg.video.io import FileSource, VideoWriter
+from kvseg.video.segment import STAGES, VideoOptions, segment_video
 
 CLIP_SIZE = (1280, 720)
 CLIP_FPS = 25

@@ -39,7 +39,7 @@ def _finish(cfg: AugmentConfig) -> list[A.BasicTransform]:
 def build_train_transform(cfg: AugmentConfig) -> A.Compose:
     """Random rotation (plus 90-degree turns), horizontal/vertical flip and transpose, then normalise.
 
-    The pipeline's randomness is its own: :class:`kvseg.data.SegmentationDataset` reseeds it per
+    The pipeline's randomness is its own: :class:`kvseg.data.folder.SegmentationDataset` reseeds it per
     sample through ``set_random_seed``; each transform then decides independently.
     """
     return SeededCompose(

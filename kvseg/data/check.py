@@ -27,11 +27,11 @@ import numpy as np
 
 from kvseg.cli import run_cli, user_message
 from kvseg.config import Config, DataConfig, load_config
-from kvseg.data import FolderScan, Sample, image_to_rgb, open_upright, preview, scan_folder
-from kvseg.encodings import EncodingDecision, decide_encoding
+from kvseg.data.encodings import EncodingDecision, decide_encoding
+from kvseg.data.folder import FolderScan, Sample, image_to_rgb, open_upright, preview, scan_folder
+from kvseg.data.masks import MaskValues, inspect_mask, misfit_message
+from kvseg.data.splits import SPLIT_FILES, Split, resolve_split
 from kvseg.errors import CorruptImageError, DatasetError, KvsegError
-from kvseg.masks import MaskValues, inspect_mask, misfit_message
-from kvseg.splits import SPLIT_FILES, Split, resolve_split
 
 LISTED = 8  # ids named in one line before "and N more"
 

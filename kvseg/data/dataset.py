@@ -1,11 +1,11 @@
 """The PyTorch side of a dataset: :class:`SegmentationDataset`, its caches, and the loaders.
 
-A dataset reads image/mask pairs found by :mod:`kvseg.data`, resizes them, runs an albumentations
-pipeline from :mod:`kvseg.augment` and returns tensors; :func:`build_dataloaders` makes the
+A dataset reads image/mask pairs found by :mod:`kvseg.data.folder`, resizes them, runs an albumentations
+pipeline from :mod:`kvseg.data.augment` and returns tensors; :func:`build_dataloaders` makes the
 train / evaluation loaders of a run with the worker policy of :mod:`kvseg.runtime`.
 
 Decoded, resized pairs come from one of three places (``data.cache``): ``disk``, the persistent
-memory-mapped cache of :mod:`kvseg.preprocessed` (decoded once per folder and size, then read by
+memory-mapped cache of :mod:`kvseg.data.preprocessed` (decoded once per folder and size, then read by
 every later run); ``memory``, shared memory filled by the workers during a run's first epoch; or
 ``off``, decoding every read.
 """
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kvseg.augment import build_eval_transform, build_train_transform
 from kvseg.config import Config, DataConfig
-from kvseg.data import Sample
-from kvseg.encodings import dataset_encoding
+from kvseg.data.augment import build_eval_transform, build_train_transform
+from kvseg.data.encodings import dataset_encoding
+from kvseg.data.folder import Sample
+from kvseg.data.masks import MaskEncoding
+from kvseg.data.preprocessed import CacheUnavailable, PreprocessedFrames, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.errors import EmptyDatasetError
-from kvseg.masks import MaskEncoding
-from kvseg.preprocessed import CacheUnavailable, PreprocessedFrames, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.runtime import default_num_workers, single_threaded_opencv
 
 
@@ -35,7 +35,7 @@ class SegmentationDataset(Dataset):
     ``image`` is what ``transform`` returns (a normalised float tensor (3, S, S) for kvseg's
     pipelines), ``mask`` a uint8 tensor (1, S, S) in {0, 1} and ``index`` the position in ``samples``.
 
-    Masks are read through ``encoding``, the dataset's one mask encoding (:mod:`kvseg.masks`); pass
+    Masks are read through ``encoding``, the dataset's one mask encoding (:mod:`kvseg.data.masks`); pass
     the encoding decided for the whole folder. None decides it from these samples' masks alone.
 
     With ``frames`` (an entry of the on-disk cache holding every sample's id, at ``image_size``) the

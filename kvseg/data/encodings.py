@@ -1,6 +1,6 @@
-"""Deciding a dataset's mask encoding once, from all of its masks (see :mod:`kvseg.masks` for the encodings).
+"""Deciding a dataset's mask encoding once, from all of its masks (see :mod:`kvseg.data.masks` for the encodings).
 
-Each mask is summarised by :func:`kvseg.masks.inspect_mask`; :func:`decide_encoding` picks the
+Each mask is summarised by :func:`kvseg.data.masks.inspect_mask`; :func:`decide_encoding` picks the
 encoding that fits the most non-empty masks, and every mask that does not fit it is refused with its
 file and value set named.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvseg.config import DataConfig
+from kvseg.data.masks import EDGE_BAND, MaskEncoding, MaskValues, inspect_masks, misfit_message
 from kvseg.errors import MaskEncodingError
-from kvseg.masks import EDGE_BAND, MaskEncoding, MaskValues, inspect_masks, misfit_message
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ Two layouts are read by the same code:
   the split is then drawn from a seed. Hidden files (``.*``, macOS ``._*``) are not data.
 
 Images are read upright (EXIF orientation applied) and as RGB uint8; how a mask's values become
-instrument and background is decided once per dataset in :mod:`kvseg.masks`, and the folder check
-that reads every pair is :mod:`kvseg.check`. The PyTorch ``Dataset`` over these pairs is in
-:mod:`kvseg.dataset`.
+instrument and background is decided once per dataset in :mod:`kvseg.data.masks`, and the folder check
+that reads every pair is :mod:`kvseg.data.check`. The PyTorch ``Dataset`` over these pairs is in
+:mod:`kvseg.data.dataset`.
 """
 
 from __future__ import annotations

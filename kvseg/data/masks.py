@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kvseg.data import open_image
+from kvseg.data.folder import open_image
 from kvseg.errors import MaskEncodingError
 
 ENCODINGS = ("binary-0-255", "binary-0-1", "labels", "palette")  # the choices of data.mask_encoding besides auto

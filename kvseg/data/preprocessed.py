@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.data import Sample, read_image, resize_pair
+from kvseg.data.folder import Sample, read_image, resize_pair
+from kvseg.data.masks import MaskEncoding, read_mask
 from kvseg.errors import ConfigError, CorruptImageError
-from kvseg.masks import MaskEncoding, read_mask
 from kvseg.runtime import single_threaded_opencv, usable_cores
 
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.data import IMAGE_EXTENSIONS, Sample, preview
+from kvseg.data.folder import IMAGE_EXTENSIONS, Sample, preview
 from kvseg.errors import SplitError
 
 SPLIT_FILES = ("train.txt", "val.txt", "test.txt")

@@ -4,7 +4,7 @@ Each image is an endoscopy-like scene: textured pink/red tissue with folds and v
 vignette with the black corners of an endoscope, specular highlights, and one to three instruments
 (shafts with forceps jaws or snare loops, or plain sheaths) with metallic shading entering from the
 frame edge. Masks mark the instruments. Images are JPEG, masks PNG, ids in ``train.txt`` and
-``test.txt`` — exactly what :mod:`kvseg.data` reads for the real dataset.
+``test.txt`` — exactly what :mod:`kvseg.data.folder` reads for the real dataset.
 
 The scenes are built so that no single colour threshold separates instrument from tissue: metal is
 grey at every brightness, highlights on tissue are white, and the vignette darkens both.

@@ -1,6 +1,6 @@
 """Inference backends: the same U-Net run by PyTorch or ONNX Runtime, each as a logits function.
 
-Every backend is a :class:`~kvseg.evaluate.LogitsFn` (so :func:`kvseg.evaluate.evaluate` scores it)
+Every backend is a :class:`~kvseg.evaluation.evaluate.LogitsFn` (so :func:`kvseg.evaluation.evaluate.evaluate` scores it)
 plus what the benchmark needs to time it:
 
 * ``torch-fp32``: PyTorch eager, fp32, NCHW.
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kvseg.allocator import preloaded_malloc
-from kvseg.evaluate import LogitsFn, torch_logits
+from kvseg.evaluation.evaluate import LogitsFn, torch_logits
 from kvseg.runtime import cpu_supports_bf16, usable_cores
 
 BACKENDS = ("torch-fp32", "torch-fast", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8", "ort-cuda-fp32",

@@ -2,7 +2,7 @@
 
 Verification is on by default and fails closed: a model is written to a temporary name, run in ONNX
 Runtime on the run's test images and on random inputs (at another batch size and image size than
-the export sample), scored by :func:`kvseg.evaluate.evaluate` against the PyTorch fp32 model, and
+the export sample), scored by :func:`kvseg.evaluation.evaluate.evaluate` against the PyTorch fp32 model, and
 renamed into place only when it meets its precision's rule in :data:`RULES`.
 """
 
@@ -17,12 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from kvseg.backends import onnx_logits, onnx_session
-from kvseg.checkpoint import load_trained_model, threshold_of
 from kvseg.config import Config
-from kvseg.errors import KvsegError
-from kvseg.evaluate import Agreement, EvalResult, evaluate, torch_logits
-from kvseg.onnx_model import (
+from kvseg.deploy.backends import onnx_logits, onnx_session
+from kvseg.deploy.onnx_model import (
     DEFAULT_OPSET,
     HalfPrecision,
     check_model,
@@ -31,8 +28,11 @@ from kvseg.onnx_model import (
     precision_path,
     write_metadata,
 )
-from kvseg.quantize import quantize_int8
-from kvseg.runs import RunDir, blocking_file, eval_datasets
+from kvseg.deploy.quantize import quantize_int8
+from kvseg.errors import KvsegError
+from kvseg.evaluation.evaluate import Agreement, EvalResult, evaluate, torch_logits
+from kvseg.runs.checkpoint import load_trained_model, threshold_of
+from kvseg.runs.folder import RunDir, blocking_file, eval_datasets
 
 # fp32 ONNX Runtime and PyTorch differ by summation order only, an error that grows with the values
 # summed: the limit is per unit of the largest |logit| of the reference (at least 1). Measured: a base-16

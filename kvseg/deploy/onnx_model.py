@@ -4,7 +4,7 @@ Every model takes ``image`` float32 (B, 3, H, W), normalised as in training, and
 float32 (B, 1, H, W). Its metadata properties (``kvseg.*``) hold the image size, normalisation,
 threshold, U-Net shape, opset, kvseg version, training config and metrics, so a deployment needs
 only the file: :func:`read_metadata` reads them back. Verification and quantisation are in
-:mod:`kvseg.export` and :mod:`kvseg.quantize`.
+:mod:`kvseg.deploy.export` and :mod:`kvseg.deploy.quantize`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 import kvseg
-from kvseg.checkpoint import threshold_of
 from kvseg.config import Config
 from kvseg.errors import KvsegError
+from kvseg.runs.checkpoint import threshold_of
 
 DEFAULT_OPSET = 18
 PRECISIONS = ("fp32", "fp16", "int8")

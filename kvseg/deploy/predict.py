@@ -12,7 +12,7 @@ are listed and skipped; the command then ends with exit status 2, keeping everyt
 Images are read upright (their EXIF orientation applied), so a mask matches the image as viewers
 show it; hidden files in folders are left out; an image above Pillow's decompression-bomb limit is
 refused unless ``--max-pixels N`` allows it.
-Video files, camera numbers and stream URLs are segmented frame by frame (:mod:`kvseg.video`).
+Video files, camera numbers and stream URLs are segmented frame by frame (:mod:`kvseg.video.segment`).
 """
 
 from __future__ import annotations
@@ -31,19 +31,19 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from kvseg.augment import build_eval_transform
-from kvseg.backends import Skipped, onnx_logits, onnx_session, openvino_backend
-from kvseg.checkpoint import threshold_of
 from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
-from kvseg.data import COMMON_EXTENSIONS, IMAGE_EXTENSIONS, read_image, resize_image
+from kvseg.data.augment import build_eval_transform
+from kvseg.data.folder import COMMON_EXTENSIONS, IMAGE_EXTENSIONS, read_image, resize_image
+from kvseg.deploy.backends import Skipped, onnx_logits, onnx_session, openvino_backend
+from kvseg.deploy.onnx_model import read_metadata
 from kvseg.errors import CheckpointError, ImageTooLargeError, KvsegError
-from kvseg.evaluate import LogitsFn, torch_logits
-from kvseg.onnx_model import read_metadata
-from kvseg.plots import overlay
-from kvseg.runs import RunDir
-from kvseg.tta import ALL_TRANSFORMS, with_tta
-from kvseg.video import add_video_arguments, predict_videos, split_inputs, video_options
+from kvseg.evaluation.evaluate import LogitsFn, torch_logits
+from kvseg.evaluation.plots import overlay
+from kvseg.evaluation.tta import ALL_TRANSFORMS, with_tta
+from kvseg.runs.checkpoint import threshold_of
+from kvseg.runs.folder import RunDir
+from kvseg.video.segment import add_video_arguments, predict_videos, split_inputs, video_options
 
 
 @dataclass

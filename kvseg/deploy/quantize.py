@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.onnx_model import quiet
+from kvseg.deploy.onnx_model import quiet
 
 
 class _CalibrationReader:

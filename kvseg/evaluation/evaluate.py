@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kvseg.metrics import ConfusionMatrix, Scores, SegmentationMetrics, logit_of, scores_from_counts
-from kvseg.tta import with_tta
+from kvseg.evaluation.metrics import ConfusionMatrix, Scores, SegmentationMetrics, logit_of, scores_from_counts
+from kvseg.evaluation.tta import with_tta
 
 
 class LogitsFn(Protocol):
@@ -91,7 +91,7 @@ class ImageResult:
 
 @dataclass
 class EvalResult:
-    """Scores of one logits function on one split; see :mod:`kvseg.metrics` for the conventions.
+    """Scores of one logits function on one split; see :mod:`kvseg.evaluation.metrics` for the conventions.
 
     ``average_precision`` and ``roc_auc`` are None when undefined (a split without instrument or
     without background pixels); ``undefined`` says why. ``loss`` is the mean per-image value of the
@@ -171,7 +171,7 @@ def evaluate(
             indices (B,); ``loader.dataset.samples[index].id`` names each image.
         threshold: probability above which a pixel is instrument.
         loss_fn: the training loss (``loss_fn(logits, masks) -> scalar``), evaluated per image.
-        tta: dihedral transforms to average over (:mod:`kvseg.tta`); empty for a plain evaluation.
+        tta: dihedral transforms to average over (:mod:`kvseg.evaluation.tta`); empty for a plain evaluation.
         gather: ``accelerator.gather_for_metrics`` under several processes: every image is then
             scored exactly once, on every process.
         reference: a second logits function run on the same images (e.g. PyTorch fp32 against an

@@ -1,6 +1,6 @@
 """Figures of a run: loss curve, metrics, confusion matrix, PR/ROC, feature maps, predictions, augmentations.
 
-They follow the study's figures 1-6; :mod:`kvseg.report` computes what they show and writes them.
+They follow the study's figures 1-6; :mod:`kvseg.evaluation.report` computes what they show and writes them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvseg.metrics import SCORES  # noqa: E402
+from kvseg.evaluation.metrics import SCORES  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:

@@ -21,15 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kvseg.checkpoint import threshold_of
 from kvseg.cli import run_cli
 from kvseg.config import config_to_dict
-from kvseg.dataset import SegmentationDataset
-from kvseg.evaluate import evaluate, torch_logits
-from kvseg.losses import build_loss
-from kvseg.metrics import SCORES
-from kvseg.model import UNet
-from kvseg.plots import (
+from kvseg.data.dataset import SegmentationDataset
+from kvseg.evaluation.evaluate import evaluate, torch_logits
+from kvseg.evaluation.metrics import SCORES
+from kvseg.evaluation.plots import (
     plot_augmentations,
     plot_confusion_matrix,
     plot_feature_maps,
@@ -38,8 +35,11 @@ from kvseg.plots import (
     plot_pr_roc,
     plot_predictions,
 )
-from kvseg.runs import RunDir
-from kvseg.tta import DIHEDRAL
+from kvseg.evaluation.tta import DIHEDRAL
+from kvseg.models.losses import build_loss
+from kvseg.models.unet import UNet
+from kvseg.runs.checkpoint import threshold_of
+from kvseg.runs.folder import RunDir
 
 FIGURES = {
     "loss_curve.png": "Loss per epoch (train, and test where evaluated)",

@@ -1,7 +1,7 @@
 """Self-describing model checkpoints and atomic JSON files.
 
 A model checkpoint holds the weights, the resolved config and the metrics of its epoch; it is written
-atomically and read with ``weights_only=True``. Where checkpoints live is decided by :mod:`kvseg.runs`.
+atomically and read with ``weights_only=True``. Where checkpoints live is decided by :mod:`kvseg.runs.folder`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import kvseg
 from kvseg.config import Config, config_from_dict, config_to_dict
 from kvseg.errors import CheckpointError
-from kvseg.model import UNet, build_model
+from kvseg.models.unet import UNet, build_model
 
 CHECKPOINT_FORMAT = "kvseg-checkpoint-1"
 

@@ -1,7 +1,7 @@
 """A run folder and every file in it: names, creation, locking, resume state, checkpoints, finding runs.
 
 This is the only module that spells a file name inside a run folder (the report's figures are
-named by :mod:`kvseg.report`). Layout, as the README describes it::
+named by :mod:`kvseg.evaluation.report`). Layout, as the README describes it::
 
     RUN/config.yaml  train.txt  val.txt  test.txt  environment.json  history.json  metrics.json
     RUN/per_image.csv  index.html  logs/                 (logs/: experiment trackers)
@@ -25,15 +25,15 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from kvseg.checkpoint import json_safe, load_trained_model, write_json_atomic
 from kvseg.config import Config, config_to_yaml, load_config
-from kvseg.data import find_samples
-from kvseg.dataset import SegmentationDataset, build_datasets
+from kvseg.data.dataset import SegmentationDataset, build_datasets
+from kvseg.data.folder import find_samples
+from kvseg.data.splits import Split, resolve_split, write_split
+from kvseg.deploy.onnx_model import precision_path
 from kvseg.errors import CheckpointError
-from kvseg.evaluate import EvalResult
-from kvseg.model import UNet
-from kvseg.onnx_model import precision_path
-from kvseg.splits import Split, resolve_split, write_split
+from kvseg.evaluation.evaluate import EvalResult
+from kvseg.models.unet import UNet
+from kvseg.runs.checkpoint import json_safe, load_trained_model, write_json_atomic
 
 PER_IMAGE_COLUMNS = ("id", "split", "iou", "dice", "loss", "true_fraction", "predicted_fraction")
 

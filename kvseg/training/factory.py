@@ -2,7 +2,7 @@
 
 :func:`start_run` opens a new or resumed run folder; :func:`build_training` builds the model,
 optimizer, schedule, weight average, loss and loaders from the config, each by its own factory,
-and prepares them with ``accelerate``; :mod:`kvseg.train` runs the loop over what they return.
+and prepares them with ``accelerate``; :mod:`kvseg.training.train` runs the loop over what they return.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from accelerate.utils import ProjectConfiguration
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from kvseg.check import check_training_data
 from kvseg.config import Config, config_to_dict, config_to_yaml
-from kvseg.data import find_samples
-from kvseg.dataset import SegmentationDataset, build_dataloaders, build_datasets
+from kvseg.data.check import check_training_data
+from kvseg.data.dataset import SegmentationDataset, build_dataloaders, build_datasets
+from kvseg.data.folder import find_samples
+from kvseg.data.preprocessed import resolve_cache_dir
+from kvseg.data.splits import Split, resolve_split
+from kvseg.data.synthetic import resolve_data_root
 from kvseg.errors import CheckpointError, ConfigError
-from kvseg.evaluate import LogitsFn, torch_logits
-from kvseg.losses import build_loss
-from kvseg.model import build_model
-from kvseg.optim import build_ema, build_optimizer, build_scheduler
-from kvseg.preprocessed import resolve_cache_dir
-from kvseg.runs import Progress, RunDir, create_run, open_run, resume_config
+from kvseg.evaluation.evaluate import LogitsFn, torch_logits
+from kvseg.models.losses import build_loss
+from kvseg.models.unet import build_model
+from kvseg.runs.folder import Progress, RunDir, create_run, open_run, resume_config
 from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
-from kvseg.splits import Split, resolve_split
-from kvseg.synthetic import resolve_data_root
+from kvseg.training.optim import build_ema, build_optimizer, build_scheduler
 
 
 @dataclass

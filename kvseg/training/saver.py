@@ -1,17 +1,17 @@
 """The checkpoint policy of a run: which epoch becomes ``best.pt``, and when training stops early.
 
 Validation alone decides (``train.select_metric``); the test split is never seen here.
-:mod:`kvseg.runs` names the files, :class:`CheckpointSaver` decides what goes into them and when.
+:mod:`kvseg.runs.folder` names the files, :class:`CheckpointSaver` decides what goes into them and when.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvseg.checkpoint import save_model_checkpoint
 from kvseg.config import Config
-from kvseg.evaluate import EvalResult
-from kvseg.runs import Progress, RunDir
+from kvseg.evaluation.evaluate import EvalResult
+from kvseg.runs.checkpoint import save_model_checkpoint
+from kvseg.runs.folder import Progress, RunDir
 
 
 class CheckpointSaver:

@@ -2,7 +2,7 @@
 
 ``Accelerator`` does device placement, DDP, mixed precision and gradient accumulation; every piece
 of rank logic goes through it. One epoch is :func:`train_one_epoch`; scoring is
-:func:`kvseg.evaluate.evaluate`; :func:`run_training` reads top to bottom: set up, build, loop, finish.
+:func:`kvseg.evaluation.evaluate.evaluate`; :func:`run_training` reads top to bottom: set up, build, loop, finish.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from kvseg.checkpoint import load_model_checkpoint, set_threshold
 from kvseg.config import Config
-from kvseg.distributed import check_process_group
 from kvseg.errors import KvsegError
-from kvseg.evaluate import EvalResult, evaluate, tune_threshold
-from kvseg.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
-from kvseg.report import write_report
-from kvseg.runs import Progress as RunProgress
-from kvseg.runs import RunDir
-from kvseg.saver import CheckpointSaver
+from kvseg.evaluation.evaluate import EvalResult, evaluate, tune_threshold
+from kvseg.evaluation.report import write_report
+from kvseg.runs.checkpoint import load_model_checkpoint, set_threshold
+from kvseg.runs.folder import Progress as RunProgress
+from kvseg.runs.folder import RunDir
+from kvseg.training.distributed import check_process_group
+from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
+from kvseg.training.saver import CheckpointSaver
 
 
 class NonFiniteLossError(KvsegError):

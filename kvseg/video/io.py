@@ -9,7 +9,7 @@ browsers do not play it), cannot fragment an MP4 (one killed while writing does 
 a truncated file silently. A camera *number*, on the other hand, is what ``cv2.VideoCapture`` opens
 on every system (V4L2, AVFoundation, DirectShow), so cameras go through OpenCV.
 
-Frames are RGB uint8 (H, W, 3) throughout, as :func:`kvseg.data.read_image` gives still images.
+Frames are RGB uint8 (H, W, 3) throughout, as :func:`kvseg.data.folder.read_image` gives still images.
 """
 
 from __future__ import annotations

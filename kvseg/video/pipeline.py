@@ -2,7 +2,7 @@
 
 The reader decodes, the main thread prepares, infers and post-processes batches, the writer
 encodes. Each queue holds a few frames (:data:`QUEUE_FRAMES`), so memory does not grow with the
-length of the video, and the slowest stage sets the pace. :func:`kvseg.video.segment_video` drives it.
+length of the video, and the slowest stage sets the pace. :func:`kvseg.video.segment.segment_video` drives it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kvseg.runtime import usable_cores
-from kvseg.video_io import VideoInfo, VideoSource, VideoWriter, write_mask_png
+from kvseg.video.io import VideoInfo, VideoSource, VideoWriter, write_mask_png
 
 STAGES = ("decode", "preprocess", "inference", "postprocess", "encode")
 THREADS = {"decode": ("decode",), "model": ("preprocess", "inference", "postprocess"), "encode": ("encode",)}

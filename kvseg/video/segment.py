@@ -10,7 +10,7 @@ instrument pixels tinted), ``out/procedure.json`` (:class:`VideoResult`) and, wi
 Three threads joined by short bounded queues: the reader decodes, the main thread prepares, infers
 and post-processes batches, the writer encodes. Each queue holds a few frames, so memory does not
 grow with the length of the video, and the slowest stage sets the pace. Every frame goes through
-:meth:`kvseg.predict.Predictor.prepare` and :meth:`~kvseg.predict.Predictor.mask_at`, as still
+:meth:`kvseg.deploy.predict.Predictor.prepare` and :meth:`~kvseg.deploy.predict.Predictor.mask_at`, as still
 images do, so a frame gives the mask that ``predict`` gives for the same picture. A live source
 (camera, stream without a length) that outruns the model has its oldest waiting frame dropped, so the
 overlay stays current; the overlay keeps the frames' arrival times. Ctrl-C ends a source cleanly:
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvseg.checkpoint import write_json_atomic
-from kvseg.plots import overlay
+from kvseg.evaluation.plots import overlay
+from kvseg.evaluation.tta import ALL_TRANSFORMS, with_tta
+from kvseg.runs.checkpoint import write_json_atomic
 from kvseg.runtime import usable_cores
-from kvseg.tta import ALL_TRANSFORMS, with_tta
-from kvseg.video_io import (
+from kvseg.video.io import (
     VideoError,
     VideoSource,
     VideoWriter,
@@ -41,7 +41,7 @@ from kvseg.video_io import (
     open_source,
     output_stem,
 )
-from kvseg.video_pipeline import (
+from kvseg.video.pipeline import (
     STAGES,
     THREADS,
     Meter,
@@ -56,7 +56,7 @@ from kvseg.video_pipeline import (
 )
 
 if TYPE_CHECKING:
-    from kvseg.predict import Predictor
+    from kvseg.deploy.predict import Predictor
 
 @dataclass
 class VideoResult:
