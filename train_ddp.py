@@ -1,4 +1,4 @@
-"""Train the kvseg U-Net on one or many GPUs, or CPU processes.
+"""Train a model on one or many GPUs, or CPU processes (the command is :mod:`kvseg.commands.train`).
 
     accelerate launch train_ddp.py
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train_ddp.py --epochs 2
@@ -10,70 +10,15 @@ is written to ``data/synthetic-kvasir-instrument`` and used. Bad input ends with
 ``error: ...`` and exit status 2 (``--debug`` shows the traceback).
 """
 
-from __future__ import annotations
-
 from kvseg.allocator import reexec_with_allocator
 
 if __name__ == "__main__":
     reexec_with_allocator()  # first, before torch loads: an allocator is chosen when a process starts
 
-import argparse
 import sys
-from collections.abc import Sequence
 
 from kvseg.cli import run_cli
-from kvseg.config import load_config
-from kvseg.runs.folder import open_run
-from kvseg.training.factory import RunOptions
-from kvseg.training.train import run_training
-
-FLAG_FIELDS = {
-    "data_dir": "data.root",
-    "output_dir": "output_dir",
-    "run_name": "run_name",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "image_size": "data.image_size",
-    "lr": "train.lr",
-    "num_workers": "data.num_workers",
-    "seed": "train.seed",
-}
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
-    parser.add_argument("--data-dir", help="dataset folder with images/ and masks/ (must exist)")
-    parser.add_argument("--output-dir", help="where run folders are created (default runs/)")
-    parser.add_argument("--run-name", help="run folder name (default: a time stamp)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int, help="per process")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--num-workers", type=int, help="DataLoader worker processes per training process")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last completed epoch")
-    parser.add_argument(
-        "--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
-        help="auto: the launcher's setting, or bf16 on a CPU with native bf16 (default)",
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. train.eval_every=2"
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
-    config_file = args.config
-    if args.resume:
-        config_file = open_run(args.resume).config
-    cfg = load_config(config_file, overrides + args.set)
-    options = RunOptions(data_dir_given=args.data_dir is not None, resume=args.resume, mixed_precision=args.mixed_precision)
-    run_training(cfg, options)
-
+from kvseg.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_wheels.py WHEELS_DIR [--python-version 3.11] [--platform TAG ...]
     python benchmarks/gpu_wheels.py WHEELS_DIR --check-only      # a folder downloaded before
+    python benchmarks/gpu_wheels.py --write-lock                  # after changing the list: its declared requirements
 
 then, on the GPU machine, in the repository (WHEELS_DIR copied there):
 
@@ -14,6 +15,12 @@ download every ``Requires-Dist`` in the wheels' METADATA (markers evaluated for 
 in the list or in PROVIDED; the command fails naming what is missing. The default platforms are the
 manylinux tags up to glibc 2.28 for x86_64: several wheels (onnxruntime-gpu, scipy, opencv, pillow)
 are only built for manylinux_2_27/2_28, so ``--platform manylinux2014_x86_64`` alone finds none.
+
+``--write-lock`` records what each pinned wheel declares (its ``Requires-Dist`` lines, extras left
+out) in ``gpu_wheels.lock.json``, read from the index's metadata by ``pip install --dry-run --report``
+without downloading the wheels. kvseg's tests check the list against that lock, not against the
+packages that happen to be installed where the tests run.
+
 Bad input ends with one line ``error: ...`` and exit status 2. Needs only pip (and its packaging).
 """
 
@@ -21,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import email.parser
+import json
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +47,7 @@ except ImportError:  # a bare download machine: pip carries its own copy
     from pip._vendor.packaging.version import Version
 
 PINS = Path(__file__).with_name("gpu_wheels.txt")
+LOCK = Path(__file__).with_name("gpu_wheels.lock.json")
 # What a machine "with PyTorch" has: torch, the requirements of its wheel, and numpy.
 PROVIDED = frozenset({"torch", "numpy", "filelock", "fsspec", "jinja2", "markupsafe", "mpmath", "networkx", "setuptools",
                       "sympy", "typing-extensions", "triton"})
@@ -151,6 +161,39 @@ def check_folder(folder: Path, pins: Mapping[str, str], environment: Mapping[str
     return problems + uncovered(declared, pins, environment)
 
 
+def _platform_flags(platforms: Sequence[str]) -> list[str]:
+    return [flag for tag in platforms for flag in ("--platform", tag)]
+
+
+def declared_requirements(pins_file: Path, python_version: str, platforms: Sequence[str]) -> dict[str, dict]:
+    """``{name: {"version", "requires_dist"}}`` of every pinned wheel for the target, from the index's metadata.
+
+    ``pip install --dry-run --report`` resolves the pinned wheels (no dependencies) and reads their
+    metadata files (PEP 658) without downloading the wheels. Requirements of extras are left out:
+    no extra of these packages is installed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet",
+                   "--only-binary=:all:", "--implementation", "cp", "--python-version", python_version,
+                   *_platform_flags(platforms), "--target", str(Path(tmp) / "target"), "--report", str(report),
+                   "--requirement", str(pins_file)]
+        if subprocess.run(command).returncode != 0:
+            raise UserError(f"pip could not resolve {pins_file} for Python {python_version} (see pip's message above)")
+        installs = json.loads(report.read_text())["install"]
+    lock = {}
+    for item in installs:
+        meta = item["metadata"]
+        requires = [r for r in meta.get("requires_dist") or [] if "extra ==" not in r.replace("'", '"')]
+        lock[canonicalize_name(meta["name"])] = {"version": meta["version"], "requires_dist": requires}
+    return dict(sorted(lock.items()))
+
+
+def read_lock(path: Path = LOCK) -> dict[str, dict]:
+    """The lock written by ``--write-lock``: ``{name: {"version", "requires_dist"}}``."""
+    return json.loads(path.read_text())
+
+
 def download(folder: Path, pins_file: Path, python_version: str, platforms: Sequence[str]) -> None:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
                "--python-version", python_version, "--dest", str(folder), "--requirement", str(pins_file)]
@@ -162,12 +205,14 @@ def download(folder: Path, pins_file: Path, python_version: str, platforms: Sequ
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="where the wheels go (created)")
+    parser.add_argument("folder", type=Path, nargs="?", help="where the wheels go (created)")
     parser.add_argument("--python-version", default="3.11", help="of the GPU machine, e.g. 3.11 (default)")
     parser.add_argument("--platform", action="append", help="wheel platform tag, repeatable (default: manylinux up to "
                         "glibc 2.28, x86_64)")
     parser.add_argument("--requirements", type=Path, default=PINS, help=f"pinned list (default {PINS.name})")
     parser.add_argument("--check-only", action="store_true", help="check the folder, download nothing")
+    parser.add_argument("--write-lock", action="store_true",
+                        help=f"write what each pinned wheel declares to {LOCK.name} (no download) and stop")
     return parser.parse_args(argv)
 
 
@@ -180,6 +225,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.requirements.is_file():
         raise UserError(f"{args.requirements}: requirements file not found")
     pins = read_pins(args.requirements)
+    if args.write_lock:
+        lock = declared_requirements(args.requirements, args.python_version, platforms)
+        LOCK.write_text(json.dumps(lock, indent=1) + "\n")
+        print(f"wrote {LOCK}: the declared requirements of {len(lock)} pinned wheels")
+        return
+    if args.folder is None:
+        raise UserError("expected a WHEELS_DIR (or --write-lock)")
     if args.folder.exists() and not args.folder.is_dir():
         raise UserError(f"{args.folder}: exists and is not a folder")
     if args.check_only and not args.folder.is_dir():

@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader
 
 from kvseg.cli import run_cli
 from kvseg.errors import CheckpointError
+from kvseg.evaluation.datasets import eval_datasets
 from kvseg.evaluation.evaluate import evaluate, torch_logits
-from kvseg.runs.checkpoint import load_trained_model, threshold_of, write_json_atomic
+from kvseg.files import write_json
+from kvseg.runs.checkpoint import load_trained_model, threshold_of
 from kvseg.runs.folder import open_run
 
 
@@ -38,7 +40,7 @@ def curve(run_dir: str | Path) -> dict:
         total += row["seconds"] / 60
         minutes[row["epoch"]] = total
     _, cfg, best = run.load_model()
-    test = DataLoader(run.eval_datasets(cfg)["test"], batch_size=8)
+    test = DataLoader(eval_datasets(cfg, run)["test"], batch_size=8)
     points = []
     for epoch, path in kept:
         model, _, _ = load_trained_model(path)
@@ -58,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     curves = [curve(run) for run in args.runs]
     if args.json:
-        write_json_atomic(Path(args.json), curves)
+        write_json(Path(args.json), curves)
     if args.png:
         import matplotlib
 

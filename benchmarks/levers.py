@@ -20,6 +20,7 @@ the levers are timed one after another, and anything else running skews the rati
 from __future__ import annotations
 
 from kvseg.allocator import reexec_with_allocator
+from kvseg.evaluation.datasets import eval_datasets
 
 if __name__ == "__main__":
     reexec_with_allocator()  # the child measuring one lever runs under the allocator its environment asks for
@@ -69,7 +70,7 @@ def measure_one(run_dir: str, overrides: list[str], warmup: int, steps: int) -> 
     """Images/s and mean loss of ``steps`` harness steps of the run's config with ``overrides``."""
     run = RunDir(run_dir)
     cfg = load_config(run.config, overrides)
-    train_set = run.eval_datasets(cfg)["train"]
+    train_set = eval_datasets(cfg, run)["train"]
     harness = Harness(cfg, train_set.samples, train_set.encoding, train_set.frames)
     start = time.perf_counter()
     harness.run(warmup)

@@ -75,6 +75,15 @@ def preloaded_malloc(environ: dict[str, str] | None = None) -> str | None:
                  if any(name in Path(entry).name for name in ("tcmalloc", "jemalloc", "mimalloc"))), None)
 
 
+def benchmark_times_openvino(argv: list[str]) -> bool:
+    """Whether a benchmark command line asks for an OpenVINO backend (the default list has them), read before argparse runs."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--backends"):
+            value = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            return "ov-" in value
+    return True
+
+
 def reexec_with_allocator(without_tcmalloc: str = "") -> None:
     """Replace this process once with itself under the allocator ``KVSEG_ALLOCATOR`` asks for (Linux only).
 

@@ -1,9 +1,9 @@
-"""``python -m kvseg.check``: see :mod:`kvseg.data.check`."""
+"""``python -m kvseg.check``, as documented: the command :mod:`kvseg.commands.check`."""
 
 import sys
 
 from kvseg.cli import run_cli
-from kvseg.data.check import main
+from kvseg.commands.check import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -1,25 +1,66 @@
-"""Shared command-line behaviour: user errors become one line and exit status 2."""
+"""What every kvseg command shares: messages through :mod:`logging`, user errors as one line and exit status 2.
+
+Library modules log through ``logging.getLogger(__name__)``; :func:`configure_logging` sends
+those messages, as plain lines, to standard output of the main process (rank 0 of a launch), so a
+run of eight processes prints each line once. Warnings and errors of any rank go to standard error.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from kvseg.errors import KvsegError
+from kvseg.errors import KvsegError, user_message
 
 
-def user_message(exc: KvsegError) -> str:
-    """The one-line message of ``exc``.
+def is_main_rank() -> bool:
+    """True in the process of global rank 0 (``RANK`` as torchrun and accelerate set it; 0 when unset)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
-    An error raised in a DataLoader worker reaches the main process re-wrapped with the worker's
-    traceback in its message; its own message is the last line, after the class name.
+
+class _CurrentStream(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stdout`` / ``sys.stderr`` is at the time of each message
+    (so that output captured or redirected after start-up still receives it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    @property
+    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+class _MainRankInfo(logging.Filter):
+    """Lets INFO and DEBUG through on the main rank only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING and is_main_rank()
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Print kvseg's messages as the commands do: INFO lines on stdout (main rank), warnings on stderr (every rank).
+
+    Idempotent: calling it again replaces the handlers it installed before.
     """
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    last = lines[-1]
-    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    logger = logging.getLogger("kvseg")
+    for handler in [h for h in logger.handlers if getattr(h, "_kvseg", False)]:
+        logger.removeHandler(handler)
+    info = _CurrentStream("stdout")
+    info.addFilter(_MainRankInfo())
+    warnings = _CurrentStream("stderr")
+    warnings.setLevel(logging.WARNING)
+    for handler in (info, warnings):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._kvseg = True
+        logger.addHandler(handler)
+    logger.setLevel(level)  # records still propagate: a host application's or pytest's root handlers see them too
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
@@ -28,15 +69,14 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     With ``--debug`` among the arguments the error propagates with its traceback. In a
     multi-process launch the main process of each machine prints (each machine has its own terminal).
     """
+    configure_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         main(args)
     except KvsegError as exc:
         if "--debug" in args:
             raise
-        from accelerate import PartialState
-
-        if PartialState().is_local_main_process:
+        if os.environ.get("LOCAL_RANK", "0").strip() in ("", "0"):
             print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kvseg.errors import ConfigError
-from kvseg.evaluation.tta import check_transforms
+
+# The dihedral test-time transforms (kvseg.evaluation.tta implements each under this name).
+TTA_TRANSFORMS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose")
 
 
 @dataclass
@@ -26,6 +28,7 @@ class DataConfig:
     """Where the dataset lives and how it is read."""
 
     root: str = "data/kvasir-instrument"
+    class_name: str = "instrument"  # what the foreground is, as figures and the report name it (e.g. "polyp")
     image_size: int = 128  # images and masks are resized to image_size x image_size
     mask_threshold: int = 128  # binary-0-255 masks: values >= threshold are instrument
     mask_encoding: str = "auto"  # auto (decided once from all masks), binary-0-255, binary-0-1, labels or palette
@@ -96,9 +99,7 @@ class TrainConfig:
 class EvalConfig:
     """The final evaluation: threshold tuning on validation, test-time augmentation beside the plain test."""
 
-    tta: list[str] = field(
-        default_factory=lambda: ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
-    )  # any of these dihedral transforms; [] turns TTA off
+    tta: list[str] = field(default_factory=lambda: list(TTA_TRANSFORMS))  # any of these dihedral transforms; [] turns TTA off
     tune_threshold: bool = False  # pick the threshold maximising validation per-image Dice over threshold_grid
     threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
 
@@ -198,10 +199,11 @@ def _validate(cfg: Config) -> None:
     if values and cfg.data.mask_encoding.startswith("binary"):
         raise ConfigError(f"config key 'data.foreground_values' is {values}, but data.mask_encoding is "
                           f"{cfg.data.mask_encoding}; expected labels, palette or auto with foreground values")
-    try:
-        check_transforms(cfg.eval.tta)
-    except ValueError as exc:
-        raise ConfigError(f"config key 'eval.tta': {exc}") from None
+    unknown = [name for name in cfg.eval.tta if name not in TTA_TRANSFORMS]
+    if unknown:
+        raise ConfigError(f"config key 'eval.tta' has {', '.join(unknown)}; expected some of {', '.join(TTA_TRANSFORMS)}")
+    if not cfg.data.class_name.strip():
+        raise ConfigError("config key 'data.class_name' is empty; expected the foreground's name, e.g. instrument or polyp")
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3:
         raise ConfigError("config keys 'augment.mean' and 'augment.std' need three values (R, G, B)")
     if min(cfg.augment.std) <= 0:

@@ -2,7 +2,8 @@
 
 Every error kvseg raises for bad input is a :class:`KvsegError`: its message is one line that names
 the file or key at fault and what was expected. The command-line scripts print that line and exit
-with status 2 instead of showing a traceback (see :func:`kvseg.cli.run_cli`).
+with status 2 instead of showing a traceback (see :func:`kvseg.cli.run_cli`); :func:`user_message`
+is that line.
 """
 
 
@@ -56,3 +57,17 @@ class SplitError(DatasetError):
 
 class CheckpointError(KvsegError):
     """A checkpoint or run folder is missing, corrupt or does not match the model."""
+
+
+def user_message(exc: KvsegError) -> str:
+    """The one-line message of ``exc``.
+
+    An error raised in a DataLoader worker reaches the main process re-wrapped with the worker's
+    traceback in its message; its own message is the last line, after the class name.
+    """
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last

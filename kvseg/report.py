@@ -1,9 +1,9 @@
-"""``python -m kvseg.report``: see :mod:`kvseg.evaluation.report`."""
+"""``python -m kvseg.report``, as documented: the command :mod:`kvseg.commands.report`."""
 
 import sys
 
 from kvseg.cli import run_cli
-from kvseg.evaluation.report import main
+from kvseg.commands.report import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -15,10 +15,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from kvseg.cli import run_cli
+from kvseg.cli import configure_logging, run_cli
 from kvseg.config import config_to_yaml, load_config
 from kvseg.data.dataset import build_dataloaders, build_datasets
 from kvseg.data.folder import find_samples
@@ -66,11 +67,30 @@ def cli_error(name: str, *args: str) -> str:
     return lines[0]
 
 
+def kvseg_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages kvseg's loggers sent while ``caplog`` was capturing, in order."""
+    return [record.getMessage() for record in caplog.records if record.name.startswith("kvseg")]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for a rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> None:
+    """Each test starts without accelerate's process-wide state: accelerate refuses an ``Accelerator(cpu=False)``
+    after an earlier ``Accelerator(cpu=True)`` in the same process, as a test that fakes a GPU builds one."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    """Library messages print as the commands print them (kvseg.cli.configure_logging)."""
+    configure_logging()
 
 
 @pytest.fixture(scope="session", autouse=True)

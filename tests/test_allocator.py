@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import kvseg.allocator
-from conftest import REPO, entry_point
-from kvseg.allocator import DONE, ENV, GLIBC_TUNING, allocator_environment, preloaded_malloc
+from conftest import REPO
+from kvseg.allocator import DONE, ENV, GLIBC_TUNING, allocator_environment, benchmark_times_openvino, preloaded_malloc
 from kvseg.deploy.backends import Skipped, build_backend
 
 
@@ -77,7 +77,7 @@ def test_openvino_refuses_to_start_under_a_preloaded_malloc(monkeypatch: pytest.
 
 
 def test_benchmark_reads_whether_it_will_time_openvino() -> None:
-    times_openvino = entry_point("benchmark")._times_openvino
+    times_openvino = benchmark_times_openvino
     assert times_openvino([]) and times_openvino(["--backends", "ov-int8"]) and times_openvino(["--backends=ov-fp32"])
     assert not times_openvino(["--run", "r", "--backends", "torch-fp32,ort-int8"])
 

@@ -89,7 +89,7 @@ def test_failed_verification_leaves_no_model(fresh_run: Path, tmp_path: Path, mo
     monkeypatch.setattr(kvseg.deploy.export, "FP32_MAX_ABS", 0.0)
     output = tmp_path / "model.onnx"
     with pytest.raises(VerificationError, match=r"max \|logit diff\|"):
-        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, log=lambda _: None)
+        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -97,8 +97,7 @@ def test_int8_that_loses_iou_fails_closed(fresh_run: Path, tmp_path: Path, monke
     monkeypatch.setattr(kvseg.deploy.export, "INT8_MAX_IOU_DROP", -1.0)  # any int8 model now "loses" too much
     output = tmp_path / "model.onnx"
     with pytest.raises(VerificationError, match=r"int8 verification failed: test IoU .* limit -1"):
-        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "int8"),
-                   log=lambda _: None)
+        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "int8"))
     assert output.is_file()  # the verified fp32 model stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
@@ -106,7 +105,7 @@ def test_int8_that_loses_iou_fails_closed(fresh_run: Path, tmp_path: Path, monke
 def test_a_tuned_threshold_reaches_the_onnx_metadata_and_predict(fresh_run: Path, tmp_path: Path) -> None:
     run_dir = Path(shutil.copytree(fresh_run, tmp_path / "run"))
     set_threshold(run_dir / "checkpoints" / "best.pt", 0.3, {"tuned_on": "validation"})
-    export_run(run_dir / "checkpoints" / "best.pt", run_dir / "model.onnx", run_dir=run_dir, log=lambda _: None)
+    export_run(run_dir / "checkpoints" / "best.pt", run_dir / "model.onnx", run_dir=run_dir)
     assert read_metadata(run_dir / "model.onnx")["threshold"] == 0.3
     assert torch_predictor(run_dir).threshold == 0.3 and onnx_predictor(run_dir / "model.onnx").threshold == 0.3
 
@@ -115,8 +114,7 @@ def test_fp16_can_fail_its_rule(fresh_run: Path, tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(kvseg.deploy.export, "FP16_MIN_SAME_CLASS", 1.01)  # no fp16 model can reach this
     output = tmp_path / "model.onnx"
     with pytest.raises(VerificationError, match=r"fp16 verification failed: same class on"):
-        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "fp16"),
-                   log=lambda _: None)
+        export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "fp16"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 

@@ -1,8 +1,10 @@
 """The offline wheel list for a GPU machine (benchmarks/gpu_wheels.txt) covers what its packages declare.
 
-No network: the list is pinned to the versions installed here, so the installed packages' metadata
-(``importlib.metadata.requires``) is what the downloaded wheels declare. benchmarks/gpu_wheels.py
-checks the downloaded wheels' own METADATA the same way after each download.
+What each pinned wheel declares is read from benchmarks/gpu_wheels.lock.json (``gpu_wheels.py
+--write-lock`` writes it from the index's metadata), never from the packages installed where the
+tests run: a package that an old install left behind cannot hide a missing one, and a newer release
+installed here cannot fail the list. benchmarks/gpu_wheels.py checks the downloaded wheels' own
+METADATA the same way after each download.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import importlib.util
 import subprocess
 import sys
 import zipfile
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ gpu_wheels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_wheels)
 
 PINS = gpu_wheels.read_pins()
+LOCK = gpu_wheels.read_lock()
 TARGET = gpu_wheels.target_environment("3.11", gpu_wheels.DEFAULT_PLATFORMS)
 
 
@@ -33,23 +35,17 @@ def kvseg_requirements() -> list[str]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
-def installed_requirements() -> dict[str, list[str]]:
-    """What each pinned package declares, read from the installed copy, which must be the pinned version.
+def declared() -> dict[str, list[str]]:
+    """``{"name version": requirements}`` of every pinned wheel, from the lock."""
+    return {f"{name} {entry['version']}": entry["requires_dist"] for name, entry in LOCK.items()}
 
-    A fresh install takes each package's newest release, so a pin falls behind when one is published:
-    the tests then skip, naming the packages to re-pin (after which ``gpu_wheels.py`` re-checks the
-    downloaded wheels themselves).
-    """
-    stale = {name: (version, metadata.version(name)) for name, version in PINS.items()
-             if metadata.version(name) != version}
-    if stale:
-        pytest.skip("gpu_wheels.txt is behind this environment, re-pin: "
-                    + ", ".join(f"{name} {pin} -> {now}" for name, (pin, now) in stale.items()))
-    return {f"{name} {version}": metadata.requires(name) or [] for name, version in PINS.items()}
+
+def test_the_lock_holds_exactly_the_pinned_versions() -> None:
+    assert {name: entry["version"] for name, entry in LOCK.items()} == PINS, "run benchmarks/gpu_wheels.py --write-lock"
 
 
 def test_the_list_covers_what_its_packages_declare() -> None:
-    assert gpu_wheels.uncovered(installed_requirements(), PINS, TARGET) == []
+    assert gpu_wheels.uncovered(declared(), PINS, TARGET) == []
 
 
 def test_the_list_covers_kvseg_with_markers_for_the_target(kvseg_requirements: list[str]) -> None:
@@ -68,14 +64,14 @@ def test_every_listed_package_is_needed(kvseg_requirements: list[str]) -> None:
             if name not in reached:
                 reached.add(name)
                 if name in PINS:  # not into torch: what it needs comes with it
-                    todo.extend(metadata.requires(name) or [])
+                    todo.extend(LOCK[name]["requires_dist"])
     assert set(PINS) - {"setuptools"} <= reached  # setuptools builds kvseg itself
     assert "antlr4-python3-runtime" not in reached  # omegaconf 2.4 vendors it
 
 
 def test_a_requirement_left_out_is_named() -> None:
     pins = {name: version for name, version in PINS.items() if name != "albucore"}
-    assert gpu_wheels.uncovered(installed_requirements(), pins, TARGET) == ["albumentations 2.0.8 requires albucore==0.0.24"]
+    assert gpu_wheels.uncovered(declared(), pins, TARGET) == ["albumentations 2.0.8 requires albucore==0.0.24"]
 
 
 def write_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:

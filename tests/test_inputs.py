@@ -22,16 +22,17 @@ from PIL import Image, ImageDraw
 
 from conftest import REPO, TINY_TRAINING, cli_error
 from kvseg.cli import run_cli
+from kvseg.commands.check import main as check_main
 from kvseg.config import AugmentConfig, load_config
 from kvseg.data.augment import build_eval_transform
 from kvseg.data.check import check_folder
-from kvseg.data.check import main as check_main
 from kvseg.data.dataset import SegmentationDataset
 from kvseg.data.folder import find_samples, read_image, scan_folder
 from kvseg.data.masks import MaskEncoding
 from kvseg.errors import ConfigError, ImageTooLargeError, MaskEncodingError, MissingMaskError
+from kvseg.evaluation.datasets import eval_datasets
 from kvseg.models.unet import UNet
-from kvseg.runs.folder import Progress, RunDir, eval_datasets
+from kvseg.runs.folder import Progress, RunDir
 
 KVASIR_SEG = REPO.parent / "shared" / "data" / "kvasir-seg-dev"  # Jha et al., "Kvasir-SEG", MMM 2020
 
@@ -202,7 +203,7 @@ def _png_header(width: int, height: int) -> bytes:
 def test_large_images_are_refused_naming_max_pixels(predict_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
     # Case 8: a 200-megapixel frame; Pillow's guard refuses it. predict names --max-pixels, which allows it.
-    from kvseg.deploy.predict import main as predict_main
+    from kvseg.commands.predict import main as predict_main
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     (tmp_path / "huge.png").write_bytes(_png_header(20000, 10000))  # 200 MP: Pillow itself raises
@@ -261,8 +262,8 @@ def test_gif_and_webp_masks_are_read_and_skipped_files_named(tmp_path: Path) -> 
 
 def test_report_renders_when_every_test_mask_is_empty(predict_run: Path, synthetic_root: Path, tmp_path: Path) -> None:
     # Case 9: frames without instruments; AP and ROC AUC are undefined, every figure still renders.
+    from kvseg.commands.report import main as report_main
     from kvseg.evaluation.report import FIGURES
-    from kvseg.evaluation.report import main as report_main
 
     data = Path(shutil.copytree(synthetic_root, tmp_path / "data"))
     for sample_id in (predict_run / "test.txt").read_text().split():
@@ -270,7 +271,7 @@ def test_report_renders_when_every_test_mask_is_empty(predict_run: Path, synthet
     run = Path(shutil.copytree(predict_run, tmp_path / "run"))
     assert run_cli(report_main, [str(run), "--data-dir", str(data)]) == 0
     page = (run / "index.html").read_text()
-    assert page.count("undefined (the split has no instrument pixel)") == 2  # AP and ROC AUC
+    assert page.count("undefined (the split has no foreground pixel)") == 2  # AP and ROC AUC
     for name in FIGURES:
         image = np.asarray(Image.open(run / name).convert("L"))
         assert image.shape[0] > 200 and image.std() > 10, name

@@ -104,7 +104,7 @@ def test_threshold_is_applied_on_probabilities() -> None:
 def test_no_positive_pixel_leaves_ranking_scores_undefined_with_a_reason() -> None:
     result = score(torch.full((1, 1, 4, 4), -BIG), torch.zeros(1, 1, 4, 4))
     assert result.average_precision is None and result.roc_auc is None
-    assert "no instrument pixel" in result.undefined["average_precision"]
+    assert "no foreground pixel" in result.undefined["average_precision"]
     assert result.per_image.iou == 1.0
     assert json.loads(json.dumps(result.to_json(), allow_nan=False))["roc_auc"] is None  # valid JSON, no NaN
 

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import kvseg.data.preprocessed
+from conftest import kvseg_messages
 from kvseg.bench.loader import loader_markdown, measure_loader, worker_counts
 from kvseg.config import load_config
 from kvseg.data.dataset import SegmentationDataset, build_datasets, dataset_frames
@@ -30,10 +31,11 @@ def _entries(cache: Path) -> list[Path]:
 
 
 def test_entry_holds_the_decoded_pairs_and_a_second_open_decodes_nothing(dataset_copy: Path, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                         monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     samples = list(find_samples(dataset_copy).values())
-    lines: list[str] = []
-    frames = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lines.append)
+    frames = open_or_build(samples, 32, BINARY, tmp_path / "cache")
+    lines = kvseg_messages(caplog)
     assert len(lines) == 1 and "decoded 32 pairs at 32 px" in lines[0]
     for sample in samples[:5]:
         image, mask = frames.pair(sample.id)
@@ -46,21 +48,20 @@ def test_entry_holds_the_decoded_pairs_and_a_second_open_decodes_nothing(dataset
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(kvseg.data.preprocessed, "decode_pair", no_decoding)
-    again = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lines.append)
-    assert again.folder == frames.folder and len(lines) == 1
+    again = open_or_build(samples, 32, BINARY, tmp_path / "cache")
+    assert again.folder == frames.folder and len(kvseg_messages(caplog)) == 1
     assert np.array_equal(again.pair(samples[0].id)[0], frames.pair(samples[0].id)[0])
 
 
 def test_a_changed_file_size_or_encoding_makes_a_new_entry(dataset_copy: Path, tmp_path: Path) -> None:
     samples = list(find_samples(dataset_copy).values())
     cache = tmp_path / "cache"
-    first = open_or_build(samples, 32, BINARY, cache, log=lambda _: None).folder
-    assert open_or_build(samples, 48, BINARY, cache, log=lambda _: None).folder != first
-    assert open_or_build(samples, 32, MaskEncoding("binary-0-255", threshold=200), cache,
-                         log=lambda _: None).folder != first
+    first = open_or_build(samples, 32, BINARY, cache).folder
+    assert open_or_build(samples, 48, BINARY, cache).folder != first
+    assert open_or_build(samples, 32, MaskEncoding("binary-0-255", threshold=200), cache).folder != first
     stat = samples[3].mask.stat()
     os.utime(samples[3].mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the mask was edited
-    changed = open_or_build(samples, 32, BINARY, cache, log=lambda _: None).folder
+    changed = open_or_build(samples, 32, BINARY, cache).folder
     assert changed != first and len(_entries(cache)) == 4
     assert not [p for p in _entries(cache) if p.name.startswith(".building")]
 
@@ -70,7 +71,7 @@ def test_a_broken_file_leaves_no_entry_behind(dataset_copy: Path, tmp_path: Path
     samples[-1].image.write_bytes(b"not an image")
     cache = tmp_path / "cache"
     with pytest.raises(CorruptImageError, match=samples[-1].image.name):
-        open_or_build(samples, 32, BINARY, cache, log=lambda _: None)
+        open_or_build(samples, 32, BINARY, cache)
     assert _entries(cache) == [], "a later run must not read a half-written entry"
 
 
@@ -84,15 +85,16 @@ def test_the_cache_is_never_inside_the_data_folder(dataset_copy: Path) -> None:
             resolve_cache_dir("", dataset_copy)
 
 
-def test_an_unwritable_cache_falls_back_to_shared_memory_with_one_line(dataset_copy: Path, tmp_path: Path) -> None:
+def test_an_unwritable_cache_falls_back_to_shared_memory_with_one_line(dataset_copy: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     cfg = load_config(overrides=[f"data.root={dataset_copy}", "data.image_size=32", f"data.cache_dir={blocker}/cache"])
     samples = find_samples(dataset_copy)
-    lines: list[str] = []
     with pytest.raises(CacheUnavailable):
         open_or_build(list(samples.values()), 32, BINARY, blocker / "cache")
-    datasets = build_datasets(cfg, samples, {"train": list(samples)[:8]}, log=lines.append)
+    datasets = build_datasets(cfg, samples, {"train": list(samples)[:8]})
+    lines = kvseg_messages(caplog)
     assert len(lines) == 1 and lines[0].startswith("note: no on-disk cache") and str(blocker) in lines[0]
     assert datasets["train"].source == "shared memory"
 
@@ -130,7 +132,7 @@ def test_worker_counts() -> None:
 def test_loader_benchmark_reports_every_size_source_and_worker_count(dataset_copy: Path) -> None:
     cfg = load_config(overrides=["data.image_size=32", "train.batch_size=4"])
     samples = list(find_samples(dataset_copy).values())[:12]
-    report = measure_loader(cfg, samples, BINARY, seconds=0.2, sizes=[32, 48], log=lambda _: None)
+    report = measure_loader(cfg, samples, BINARY, seconds=0.2, sizes=[32, 48])
     assert [entry["image_size"] for entry in report["sizes"]] == [32, 48]
     for entry in report["sizes"]:
         sources = {(row["source"], row["workers"]) for row in entry["rows"]}
@@ -142,9 +144,10 @@ def test_loader_benchmark_reports_every_size_source_and_worker_count(dataset_cop
 
 
 @pytest.mark.parametrize("damage", ["garbage index", "ids missing", "masks truncated", "images deleted"])
-def test_a_damaged_entry_is_said_and_written_again(dataset_copy: Path, tmp_path: Path, damage: str) -> None:
+def test_a_damaged_entry_is_said_and_written_again(dataset_copy: Path, tmp_path: Path, damage: str,
+        caplog: pytest.LogCaptureFixture) -> None:
     samples = list(find_samples(dataset_copy).values())
-    entry = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lambda _: None).folder
+    entry = open_or_build(samples, 32, BINARY, tmp_path / "cache").folder
     if damage == "garbage index":
         (entry / "frames.json").write_text("{not json")
     elif damage == "ids missing":
@@ -155,8 +158,9 @@ def test_a_damaged_entry_is_said_and_written_again(dataset_copy: Path, tmp_path:
             f.truncate(1000)
     else:
         (entry / "images.npy").unlink()
-    lines: list[str] = []
-    frames = open_or_build(samples, 32, BINARY, tmp_path / "cache", log=lines.append)
+    caplog.clear()
+    frames = open_or_build(samples, 32, BINARY, tmp_path / "cache")
+    lines = kvseg_messages(caplog)
     assert lines[0].startswith(f"note: cache entry {entry} is damaged") and "decoded 32 pairs" in lines[1]
     assert frames.folder == entry
     assert np.array_equal(frames.pair(samples[-1].id)[1], decode_pair(samples[-1], 32, BINARY)[1])

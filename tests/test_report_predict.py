@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kvseg.cli import run_cli
+from kvseg.commands.predict import main as predict_main
 from kvseg.deploy.export import export_run
-from kvseg.deploy.predict import main as predict_main
 from kvseg.evaluation.report import FIGURES
 from kvseg.evaluation.tta import ALL_TRANSFORMS, DIHEDRAL, tta_logits
 
@@ -75,7 +75,7 @@ def test_flipped_prediction_maps_back_to_the_original_place() -> None:
 
 
 def test_predict_with_pytorch_and_onnx_give_the_same_masks(run_copy: Path, synthetic_root: Path, tmp_path: Path) -> None:
-    export_run(run_copy / "checkpoints" / "best.pt", run_copy / "model.onnx", run_dir=run_copy, log=lambda _: None)
+    export_run(run_copy / "checkpoints" / "best.pt", run_copy / "model.onnx", run_dir=run_copy)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for path in sorted((synthetic_root / "images").iterdir())[:5]:

@@ -13,11 +13,11 @@ from kvseg.data.splits import resolve_split
 from kvseg.evaluation.evaluate import evaluate, torch_logits
 from kvseg.models.losses import build_loss
 from kvseg.training.factory import prepare_model
-from kvseg.training.optim import build_optimizer
+from kvseg.training.optim import build_optimizer, build_scheduler
 from kvseg.training.train import train_one_epoch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def accelerator() -> Accelerator:
     return Accelerator(cpu=True, mixed_precision="no")
 
@@ -33,11 +33,14 @@ def test_loss_falls_and_iou_rises(synthetic_root: Path, accelerator: Accelerator
     model = prepare_model(cfg, accelerator)
     optimizer, loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders["train"])
+    cfg.train.epochs = 14
+    scheduler = build_scheduler(optimizer, cfg.train, len(train_loader))  # the run's cosine: the last weights are annealed
     untrained = evaluate(torch_logits(model), loaders["test"], loss_fn=loss_fn, loss_name="bce")
     losses = []
-    for epoch in range(14):
+    for epoch in range(cfg.train.epochs):
         datasets["train"].set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, optimizer, loss_fn, accelerator, channels_last=False)
+        stats = train_one_epoch(model, train_loader, optimizer, loss_fn, accelerator, channels_last=False,
+                                scheduler=scheduler)
         assert stats.images == len(split.train) and stats.seconds > 0
         losses.append(stats.loss)
     trained = evaluate(torch_logits(model), loaders["test"], loss_fn=loss_fn, loss_name="bce")

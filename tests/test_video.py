@@ -24,13 +24,14 @@ import torch
 from conftest import REPO
 from kvseg.bench.video import measure_video, video_markdown
 from kvseg.cli import run_cli
+from kvseg.commands.predict import main
 from kvseg.config import AugmentConfig
 from kvseg.data.augment import build_eval_transform
 from kvseg.data.folder import read_image
 from kvseg.deploy.backends import ort_cpu_backend
 from kvseg.deploy.export import export_run
-from kvseg.deploy.predict import Predictor, main
-from kvseg.evaluation.plots import overlay
+from kvseg.deploy.predict import Predictor
+from kvseg.evaluation.overlay import overlay
 from kvseg.runs.folder import RunDir
 from kvseg.video.io import VideoInfo, VideoSource
 from kvseg.video.segment import VideoOptions, segment_video
@@ -66,7 +67,7 @@ def _grey(path: Path) -> np.ndarray:
 def onnx_run(fresh_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tiny run with its fp32 ONNX model (exported without verification, for speed)."""
     run = RunDir(shutil.copytree(fresh_run, tmp_path_factory.mktemp("video") / "run"))
-    export_run(run.best, run.onnx("fp32"), run_dir=run.path, verify=False, log=lambda *_: None)
+    export_run(run.best, run.onnx("fp32"), run_dir=run.path, verify=False)
     return run.path
 
 
@@ -270,11 +271,11 @@ def test_memory_does_not_grow_with_the_length_of_the_video(onnx_run: Path, tmp_p
             return model.logits(images)
         predictor = dataclasses.replace(model, logits=slow)
         out = Path({str(tmp_path / "out.mp4")!r})
-        segment_video(predictor, open_source(sys.argv[1]), out, options=VideoOptions(max_frames=5), log=lambda line: None)
+        segment_video(predictor, open_source(sys.argv[1]), out, options=VideoOptions(max_frames=5), progress=False)
         for clip in sys.argv[1:]:
             before = status_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the current RSS
-            result = segment_video(predictor, open_source(clip), out, log=lambda line: None)
+            result = segment_video(predictor, open_source(clip), out)
             print(json.dumps({{"frames": result.frames, "growth_kib": status_kib("VmHWM") - before}}))
     """)
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "clip30.mp4"), str(tmp_path / "clip300.mp4")],
@@ -290,8 +291,7 @@ def test_memory_does_not_grow_with_the_length_of_the_video(onnx_run: Path, tmp_p
 def test_benchmark_video_row(onnx_run: Path, frames: list[np.ndarray]) -> None:
     _, cfg, _ = RunDir(onnx_run).load_model()
     backend = ort_cpu_backend("ort-fp32", RunDir(onnx_run).onnx("fp32"))
-    video = measure_video({"ort-fp32": backend}, cfg, frames[:4], frames=12, threshold=0.5, size=(128, 72),
-                          log=lambda line: None)
+    video = measure_video({"ort-fp32": backend}, cfg, frames[:4], frames=12, threshold=0.5, size=(128, 72))
     row = video["rows"]["ort-fp32"]
     assert row["frames"] == 12 and row["fps"] > 0 and row["error"] is None
     assert row["real_time_factor_25"] == pytest.approx(row["fps"] / 25)

@@ -16,9 +16,10 @@ single-threaded, as in a run's workers, so images/s per worker is the cost of on
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch.utils.data import DataLoader
 
@@ -29,6 +30,8 @@ from kvseg.data.folder import Sample
 from kvseg.data.masks import MaskEncoding
 from kvseg.data.preprocessed import CacheUnavailable, open_or_build
 from kvseg.runtime import single_threaded_opencv, usable_cores
+
+logger = logging.getLogger(__name__)
 
 LOADER_SIZES = (512,)  # measured besides the run's own size
 
@@ -59,7 +62,7 @@ def images_per_s(loader: DataLoader, seconds: float) -> tuple[float, int]:
 
 
 def measure_loader(cfg: Config, samples: Sequence[Sample], encoding: MaskEncoding, seconds: float,
-                   sizes: Sequence[int] | None = None, log: Callable[[str], None] = print) -> dict:
+                   sizes: Sequence[int] | None = None) -> dict:
     """Loader throughput per image size, source and worker count; see the module docstring.
 
     Returns ``{"batch_size", "images", "sizes": [{"image_size", "cache_build_s", "cache_mib", "rows":
@@ -74,10 +77,10 @@ def measure_loader(cfg: Config, samples: Sequence[Sample], encoding: MaskEncodin
         with tempfile.TemporaryDirectory(prefix="kvseg-loader-") as folder:
             start = time.perf_counter()
             try:
-                frames = open_or_build(samples, size, encoding, folder, log=lambda _: None)
+                frames = open_or_build(samples, size, encoding, folder, quiet=True)
             except CacheUnavailable as reason:  # a small $TMPDIR: say so, keep what was measured
                 report["sizes"].append({"image_size": size, "skipped": f"{reason} (set TMPDIR to a larger disk)"})
-                log(f"loader {size} px skipped: {reason}")
+                logger.info(f"loader {size} px skipped: {reason}")
                 continue
             entry = {"image_size": size, "cache_build_s": time.perf_counter() - start,
                      "cache_mib": frames.nbytes / 2**20, "rows": []}
@@ -91,7 +94,7 @@ def measure_loader(cfg: Config, samples: Sequence[Sample], encoding: MaskEncodin
                     del loader
                     entry["rows"].append({"source": source, "workers": workers, "images_per_s": rate,
                                           "per_worker": rate / max(workers, 1), "images_timed": timed})
-                    log(f"loader {size} px, {source}, {workers} worker(s): {rate:.1f} images/s")
+                    logger.info(f"loader {size} px, {source}, {workers} worker(s): {rate:.1f} images/s")
             report["sizes"].append(entry)
     return report
 

@@ -7,8 +7,8 @@ Markdown report is :mod:`kvseg.bench.report`. GPU timings synchronise before the
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -19,10 +19,13 @@ from kvseg.bench.loader import measure_loader
 from kvseg.bench.training import DEFAULT, Budget, history_summary, measure_training
 from kvseg.bench.video import measure_run_video
 from kvseg.deploy.backends import Backend, Skipped, build_backend
+from kvseg.evaluation.datasets import eval_datasets
 from kvseg.evaluation.evaluate import LogitsFn, evaluate
 from kvseg.runs.checkpoint import threshold_of
 from kvseg.runs.folder import RunDir
 from kvseg.runtime import describe_machine
+
+logger = logging.getLogger(__name__)
 
 FP32_IOU_TOLERANCE = 1e-4  # an fp32 ONNX backend further than this from torch-fp32 is flagged
 
@@ -109,7 +112,6 @@ def benchmark_run(
     budget: Budget = DEFAULT,
     train: bool = True,
     data_dir: str | None = None,
-    log: Callable[[str], None] = print,
     video_frames: int = 0,
     loader: bool = True,
 ) -> dict:
@@ -119,7 +121,7 @@ def benchmark_run(
     (:mod:`kvseg.bench.loader`); with ``video_frames``, the end-to-end video row (:mod:`kvseg.bench.video`).
     """
     model, cfg, payload = run.load_model()
-    datasets = run.eval_datasets(cfg, data_dir)
+    datasets = eval_datasets(cfg, run, data_dir)
     report: dict = {"run": str(run), "machine": describe_machine(), "model": asdict(cfg.model),
                     "image_size": cfg.data.image_size, "backends": {}, "skipped": {}}
     loaded: dict[str, Backend] = {}
@@ -128,7 +130,7 @@ def benchmark_run(
             loaded[name] = build_backend(name, model, run.onnx)
         except Skipped as reason:
             report["skipped"][name] = str(reason)
-            log(f"skipped {name}: {reason}")
+            logger.info(f"skipped {name}: {reason}")
     rng = np.random.default_rng(0)
     size = cfg.data.image_size
     for name, backend in loaded.items():
@@ -137,18 +139,19 @@ def benchmark_run(
             batch = rng.normal(size=(batch_size, 3, size, size)).astype(np.float32)
             entry["latency"].append(measure_latency(backend, batch, budget))
         report["backends"][name] = entry
-        log(f"timed {name}: " + ", ".join(f"batch {row['batch_size']} {row['median_ms']:.2f} ms" for row in entry["latency"]))
+        logger.info(f"timed {name}: "
+                    + ", ".join(f"batch {row['batch_size']} {row['median_ms']:.2f} ms" for row in entry["latency"]))
     report["providers_used"] = sorted({b.provider for b in loaded.values() if b.provider})
     report["parity"] = measure_parity(loaded, DataLoader(datasets["test"], batch_size=8), threshold_of(payload))
     report["flagged"] = [name for name, entry in report["parity"].items() if entry.get("flagged")]
-    log(f"parity on {len(datasets['test'])} test images: " + ", ".join(
+    logger.info(f"parity on {len(datasets['test'])} test images: " + ", ".join(
         f"{name} IoU {entry['iou_per_image']:.4f}" for name, entry in report["parity"].items()))
     if train:
-        report["training"] = measure_training(cfg, datasets["train"], budget, log)
+        report["training"] = measure_training(cfg, datasets["train"], budget)
     report["training_history"] = history_summary(run.history)
     if loader:
         train_set = datasets["train"]
-        report["loader"] = measure_loader(cfg, train_set.samples, train_set.encoding, budget.loader_seconds, log=log)
+        report["loader"] = measure_loader(cfg, train_set.samples, train_set.encoding, budget.loader_seconds)
     if video_frames > 0:
-        report["video"] = measure_run_video(loaded, cfg, datasets["test"], video_frames, threshold_of(payload), log)
+        report["video"] = measure_run_video(loaded, cfg, datasets["test"], video_frames, threshold_of(payload))
     return report

@@ -10,6 +10,7 @@ its U-Net width, so the projection uses the run's.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
@@ -33,6 +34,8 @@ from kvseg.runtime import cpu_threads_per_process, resolve_mixed_precision
 from kvseg.training.factory import build_accelerator, prepare_model
 from kvseg.training.optim import build_optimizer
 from kvseg.training.train import PHASES, PhaseTimer, train_one_epoch
+
+logger = logging.getLogger(__name__)
 
 STUDY_SECONDS_PER_EPOCH = 300.0
 STUDY_TRAIN_IMAGES = 472
@@ -175,8 +178,7 @@ def _projection(images_per_s: float) -> dict:
     return {"images_per_s": images_per_s, "projected_epoch_s": epoch, "speedup_vs_study": STUDY_SECONDS_PER_EPOCH / epoch}
 
 
-def measure_training(cfg: Config, train_set: SegmentationDataset, budget: Budget = DEFAULT,
-                     log: Callable[[str], None] = print) -> dict:
+def measure_training(cfg: Config, train_set: SegmentationDataset, budget: Budget = DEFAULT) -> dict:
     """The harness's training loop against a plain fp32 NCHW loop of the same model, in one process.
 
     Harness: :func:`~kvseg.training.train.train_one_epoch` with the precision kvseg picks
@@ -188,13 +190,13 @@ def measure_training(cfg: Config, train_set: SegmentationDataset, budget: Budget
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plain = plain_images_per_s(cfg, train_set.samples, train_set.encoding, budget, device)
-    log(f"plain fp32 NCHW loop: {plain:.2f} images/s")
+    logger.info(f"plain fp32 NCHW loop: {plain:.2f} images/s")
     harness = Harness(cfg, train_set.samples, train_set.encoding, train_set.frames)
     harness.run(len(harness.loader) if budget.warm_up_a_whole_epoch else budget.warmup_steps)
     images, seconds = harness.run(1)
     steps = budget.steps(seconds)
     images, seconds = harness.run(steps)
-    log(f"harness (train_one_epoch): {images / seconds:.2f} images/s over {steps} steps")
+    logger.info(f"harness (train_one_epoch): {images / seconds:.2f} images/s over {steps} steps")
     phases = phase_split(harness, budget.phase_steps)
     operators = top_operators(harness, budget.profile_steps)
     return {

@@ -10,9 +10,10 @@ stages share the machine's cores with whatever else runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from kvseg.deploy.backends import Backend
 from kvseg.deploy.predict import Predictor
 from kvseg.video.io import FileSource, VideoWriter
 from kvseg.video.segment import STAGES, VideoOptions, segment_video
+
+logger = logging.getLogger(__name__)
 
 CLIP_SIZE = (1280, 720)
 CLIP_FPS = 25
@@ -59,7 +62,7 @@ def write_clip(images: Sequence[np.ndarray], path: Path, count: int, size: tuple
 
 
 def measure_video(backends: dict[str, Backend], cfg: Config, images: Sequence[np.ndarray], frames: int,
-                  threshold: float, size: tuple[int, int] = CLIP_SIZE, log: Callable[[str], None] = print) -> dict:
+                  threshold: float, size: tuple[int, int] = CLIP_SIZE) -> dict:
     """End-to-end fps, per-stage ms and the limiting stage of each backend on one clip; see the module doc."""
     transform = build_eval_transform(cfg.augment)
     report = {"clip": {"width": size[0], "height": size[1], "fps": CLIP_FPS, "frames": frames,
@@ -71,7 +74,7 @@ def measure_video(backends: dict[str, Backend], cfg: Config, images: Sequence[np
             predictor.probabilities(images[:1])  # warm-up: first-call allocations are not the stream's pace
             load_before = os.getloadavg()
             result = segment_video(predictor, FileSource(str(clip)), Path(tmp) / f"{name}.mp4",
-                                   options=VideoOptions(batch_size=1), log=lambda line: None)
+                                   options=VideoOptions(batch_size=1), progress=False)
             row = {"frames": result.frames, "fps": result.processed_fps,
                    **{f"real_time_factor_{rate}": result.processed_fps / rate for rate in REAL_TIME_FPS},
                    "ms_per_frame": result.ms_per_frame(), "thread_ms_per_frame": result.thread_ms_per_frame(),
@@ -80,15 +83,14 @@ def measure_video(backends: dict[str, Backend], cfg: Config, images: Sequence[np
                    "latency_ms": result.latency_ms, "load_average_before": load_before,
                    "load_average_after": os.getloadavg(), "error": result.error}
             report["rows"][name] = row
-            log(f"video {name}: {row['fps']:.1f} fps end to end, limited by {row['limiting_stage']}")
+            logger.info(f"video {name}: {row['fps']:.1f} fps end to end, limited by {row['limiting_stage']}")
     return report
 
 
-def measure_run_video(backends: dict[str, Backend], cfg: Config, test_set, frames: int, threshold: float,
-                      log: Callable[[str], None] = print) -> dict:
+def measure_run_video(backends: dict[str, Backend], cfg: Config, test_set, frames: int, threshold: float) -> dict:
     """:func:`measure_video` on a 720p clip made from the first test images of a run (``test_set.samples``)."""
     images = [read_image(sample.image) for sample in test_set.samples[:CLIP_IMAGES]]
-    return measure_video(backends, cfg, images, frames, threshold, log=log)
+    return measure_video(backends, cfg, images, frames, threshold)
 
 
 def video_markdown(video: dict) -> list[str]:

@@ -13,10 +13,9 @@ summary, shorter, before epoch 1 (:func:`check_training_data`).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import logging
 import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.cli import run_cli, user_message
-from kvseg.config import Config, DataConfig, load_config
+from kvseg.config import Config, DataConfig
 from kvseg.data.encodings import EncodingDecision, decide_encoding
 from kvseg.data.folder import FolderScan, Sample, image_to_rgb, open_upright, preview, scan_folder
 from kvseg.data.masks import MaskValues, inspect_mask, misfit_message
 from kvseg.data.splits import SPLIT_FILES, Split, resolve_split
-from kvseg.errors import CorruptImageError, DatasetError, KvsegError
+from kvseg.errors import CorruptImageError, DatasetError, KvsegError, user_message
+
+logger = logging.getLogger(__name__)
 
 LISTED = 8  # ids named in one line before "and N more"
 
@@ -255,7 +255,7 @@ def check_training_data(cfg: Config, accelerator) -> None:
         try:
             report = check_folder(cfg.data.root, cfg.data)
             for line in report.lines(brief=True):
-                accelerator.print(line)
+                logger.info(line)
             outcome = [(report.decision.encoding.name if report.decision else None, report.error_line())]
         except KvsegError as exc:
             outcome = [(None, user_message(exc))]
@@ -265,23 +265,3 @@ def check_training_data(cfg: Config, accelerator) -> None:
         raise DatasetError(error)
     if encoding:
         cfg.data.mask_encoding = encoding
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kvseg.check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", help="dataset folder with images/ and masks/")
-    parser.add_argument("--config", help="YAML config whose data section applies (mask encoding, split seed)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config field, e.g. data.mask_encoding=labels or data.foreground_values=[1,2]")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    report = check_folder(args.data_dir, cfg.data)
-    print("\n".join(report.lines()))
-    if not report.ok:
-        raise DatasetError(f"{args.data_dir}: {len(report.errors)} problem(s) found; see above")
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

@@ -12,6 +12,7 @@ every later run); ``memory``, shared memory filled by the workers during a run's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from kvseg.data.masks import MaskEncoding
 from kvseg.data.preprocessed import CacheUnavailable, PreprocessedFrames, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.errors import EmptyDatasetError
 from kvseg.runtime import default_num_workers, single_threaded_opencv
+
+logger = logging.getLogger(__name__)
 
 
 class SegmentationDataset(Dataset):
@@ -89,7 +92,7 @@ class SegmentationDataset(Dataset):
                         "(a larger /dev/shm, e.g. docker run --shm-size=2g, or data.cache=disk avoids it)")
                 if note not in _NOTES_GIVEN:
                     _NOTES_GIVEN.add(note)
-                    print(note)
+                    logger.info(note)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -131,8 +134,7 @@ class SegmentationDataset(Dataset):
         return out["image"], torch.as_tensor(out["mask"], dtype=torch.uint8)[None], index
 
 
-def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskEncoding,
-                   log: Callable[[str], None] = print) -> PreprocessedFrames | None:
+def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskEncoding) -> PreprocessedFrames | None:
     """The on-disk cache entry of every sample when ``data.cache`` is ``disk``, else None.
 
     Where the entry cannot be written, says so in one line and returns None (the run decodes
@@ -145,27 +147,27 @@ def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskE
         return None
     cache_dir = resolve_cache_dir(data.cache_dir, Path(next(iter(samples.values())).image).resolve().parents[1])
     try:
-        return open_or_build(list(samples.values()), data.image_size, encoding, cache_dir, log)
+        return open_or_build(list(samples.values()), data.image_size, encoding, cache_dir)
     except CacheUnavailable as reason:
         note = f"note: no on-disk cache ({reason}); decoding into shared memory during the first epoch instead"
         if note not in _NOTES_GIVEN:  # once per process: the run's evaluation at the end reads the folder again
             _NOTES_GIVEN.add(note)
-            log(note)
+            logger.info(note)
         return None
 
 
 _NOTES_GIVEN: set[str] = set()
 
 
-def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], augment: Sequence[str] = ("train",),
-                   log: Callable[[str], None] = print) -> dict[str, SegmentationDataset]:
+def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], augment: Sequence[str] = ("train",)
+                   ) -> dict[str, SegmentationDataset]:
     """One dataset per named split: those in ``augment`` with the random training pipeline, the others with the eval one.
 
     Masks are read with ``data.mask_encoding``; under ``auto`` it is decided here from every mask in
     ``samples``. Pairs are read through ``data.cache`` (see the module docstring).
     """
     encoding = dataset_encoding(cfg.data, [sample.mask for sample in samples.values()])
-    frames = dataset_frames(cfg.data, samples, encoding, log)
+    frames = dataset_frames(cfg.data, samples, encoding)
     common = dict(image_size=cfg.data.image_size, encoding=encoding, cache=cfg.data.cache != "off", frames=frames)
     return {
         name: SegmentationDataset(

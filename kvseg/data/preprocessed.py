@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +48,8 @@ from kvseg.data.folder import Sample, read_image, resize_pair
 from kvseg.data.masks import MaskEncoding, read_mask
 from kvseg.errors import ConfigError, CorruptImageError
 from kvseg.runtime import single_threaded_opencv, usable_cores
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 IMAGES, MASKS, INDEX = "images.npy", "masks.npy", "frames.json"
@@ -207,11 +210,11 @@ def entry_damage(folder: Path, ids: Sequence[str], image_size: int) -> str | Non
 
 
 def open_or_build(samples: Sequence[Sample], image_size: int, encoding: MaskEncoding, cache_dir: str | Path,
-                  log: Callable[[str], None] = print) -> PreprocessedFrames:
+                  quiet: bool = False) -> PreprocessedFrames:
     """The cache entry of ``samples`` at ``image_size`` under ``cache_dir``, written first if missing.
 
     An entry that exists but is damaged (:func:`entry_damage`) is said so in one line, removed and
-    written again.
+    written again. A new entry is announced in one line with its size, unless ``quiet``.
 
     Raises:
         CacheUnavailable: the entry is missing and cannot be written there (the message says why).
@@ -226,7 +229,7 @@ def open_or_build(samples: Sequence[Sample], image_size: int, encoding: MaskEnco
         damage = entry_damage(entry, [sample.id for sample in samples], image_size)
         if damage is None:
             return PreprocessedFrames(entry)
-        log(f"note: cache entry {entry} is damaged ({damage}); decoding the folder again")
+        logger.info(f"note: cache entry {entry} is damaged ({damage}); decoding the folder again")
         shutil.rmtree(entry, ignore_errors=True)
     needed = len(samples) * image_size * image_size * 4
     try:
@@ -253,6 +256,7 @@ def open_or_build(samples: Sequence[Sample], image_size: int, encoding: MaskEnco
     finally:
         shutil.rmtree(building, ignore_errors=True)
     frames = PreprocessedFrames(entry)
-    log(f"Cache: decoded {len(samples)} pairs at {image_size} px in {time.perf_counter() - start:.1f} s into {entry} "
-        f"({frames.nbytes / 2**20:.0f} MiB); later runs on this folder read them instead of decoding")
+    if not quiet:
+        logger.info(f"Cache: decoded {len(samples)} pairs at {image_size} px in {time.perf_counter() - start:.1f} s into "
+                    f"{entry} ({frames.nbytes / 2**20:.0f} MiB); later runs on this folder read them instead of decoding")
     return frames

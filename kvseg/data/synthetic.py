@@ -13,6 +13,7 @@ grey at every brightness, highlights on tissue are white, and the vignette darke
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +26,8 @@ import numpy as np
 import kvseg
 from kvseg.config import DataConfig
 from kvseg.errors import DatasetNotFoundError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DATA_ROOT = DataConfig.root
 SYNTHETIC_ROOT = "data/synthetic-kvasir-instrument"
@@ -226,7 +229,7 @@ def resolve_data_root(cfg: DataConfig, explicit: bool, accelerator) -> Path:
     synthetic = Path(SYNTHETIC_ROOT)
     recipe = {"num_images": cfg.synthetic_images, "size": cfg.synthetic_size,
               "test_fraction": cfg.synthetic_test_fraction, "seed": cfg.split_seed}
-    accelerator.print(f"No dataset at {root}; training on the synthetic stand-in in {synthetic}.")
+    logger.info(f"No dataset at {root}; training on the synthetic stand-in in {synthetic}.")
     with accelerator.main_process_first():
         recipe_file = synthetic / "synthetic.json"
         stamp = {**recipe, "kvseg_version": kvseg.__version__}

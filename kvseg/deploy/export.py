@@ -8,7 +8,7 @@ renamed into place only when it meets its precision's rule in :data:`RULES`.
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,14 +25,17 @@ from kvseg.deploy.onnx_model import (
     check_model,
     export_model,
     metadata_for,
-    precision_path,
     write_metadata,
 )
 from kvseg.deploy.quantize import quantize_int8
 from kvseg.errors import KvsegError
+from kvseg.evaluation.datasets import eval_datasets
 from kvseg.evaluation.evaluate import Agreement, EvalResult, evaluate, torch_logits
+from kvseg.files import replacing
 from kvseg.runs.checkpoint import load_trained_model, threshold_of
-from kvseg.runs.folder import RunDir, blocking_file, eval_datasets
+from kvseg.runs.folder import RunDir, blocking_file, precision_path
+
+logger = logging.getLogger(__name__)
 
 # fp32 ONNX Runtime and PyTorch differ by summation order only, an error that grows with the values
 # summed: the limit is per unit of the largest |logit| of the reference (at least 1). Measured: a base-16
@@ -159,7 +162,6 @@ def export_run(
     verify: bool = True,
     data_dir: str | None = None,
     calibration_images: int = 64,
-    log=print,
 ) -> ExportReport:
     """Export ``checkpoint`` to ``output`` (fp32) and its siblings for the other ``precisions``; verify each.
 
@@ -186,25 +188,22 @@ def export_run(
     }
     for precision in ("fp32", *(p for p in ("fp16", "int8") if p in precisions)):
         final = precision_path(output, precision)
-        tmp = final.with_name(final.name + ".tmp")
         started = time.perf_counter()
         try:
-            build[precision](tmp)
-            write_metadata(tmp, metadata_for(cfg, payload, precision, opset))
-            check_model(tmp)
-            exported = ExportedModel(precision, final, tmp.stat().st_size, 0.0, rules()[precision].describe())
-            if verify:
-                _verify(exported, onnx_logits(onnx_session(tmp)), reference, reference_result, test_loader, cfg, threshold,
-                        dynamic_hw)
-            os.replace(tmp, final)
+            with replacing(final) as tmp:  # renamed into place only once verified
+                build[precision](tmp)
+                write_metadata(tmp, metadata_for(cfg, payload, precision, opset))
+                check_model(tmp)
+                exported = ExportedModel(precision, final, tmp.stat().st_size, 0.0, rules()[precision].describe())
+                if verify:
+                    _verify(exported, onnx_logits(onnx_session(tmp)), reference, reference_result, test_loader, cfg,
+                            threshold, dynamic_hw)
         except VerificationError:
             final.unlink(missing_ok=True)  # never leave an older model that looks verified
             raise
-        finally:
-            tmp.unlink(missing_ok=True)
         exported.seconds = time.perf_counter() - started
         report.models.append(exported)
-        log(exported.describe())
+        logger.info(exported.describe())
     return report
 
 

@@ -27,18 +27,10 @@ from kvseg.errors import KvsegError
 from kvseg.runs.checkpoint import threshold_of
 
 DEFAULT_OPSET = 18
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ExportError(KvsegError):
     """A model cannot be exported as asked (e.g. an opset the exporter cannot write)."""
-
-
-def precision_path(fp32_path: Path, precision: str) -> Path:
-    """Where the model of ``precision`` lives beside the fp32 one: ``model.onnx`` -> ``model_int8.onnx``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    return fp32_path if precision == "fp32" else fp32_path.with_name(f"{fp32_path.stem}_{precision}{fp32_path.suffix}")
 
 
 class HalfPrecision(nn.Module):

@@ -1,24 +1,13 @@
-"""Segment your own images and videos with a trained run or an exported ONNX model.
+"""Segmenting images with a trained model: :class:`Predictor` (from a run or an ONNX file) and :func:`predict_files`.
 
-    python -m kvseg.predict --run RUN_DIR INPUTS... --out DIR [--tta] [--batch-size 8]
-    python -m kvseg.predict --onnx model.onnx INPUTS... --out DIR [--runtime openvino]
-    python -m kvseg.predict --onnx model_int8.onnx procedure.mp4 --out DIR [--save-masks] [--smooth 0.5]
-
-INPUTS are image files or folders of them. For each image, ``<stem>_mask.png`` (0/255, at the
-image's shown size) and ``<stem>_overlay.png`` are written to DIR. The ONNX path needs only
-ONNX Runtime and the ``kvseg.*`` metadata inside the model file, no checkpoint. Unreadable inputs
-are listed and skipped; the command then ends with exit status 2, keeping everything it wrote.
-
-Images are read upright (their EXIF orientation applied), so a mask matches the image as viewers
-show it; hidden files in folders are left out; an image above Pillow's decompression-bomb limit is
-refused unless ``--max-pixels N`` allows it.
-Video files, camera numbers and stream URLs are segmented frame by frame (:mod:`kvseg.video.segment`).
+A predictor prepares an image exactly as evaluation prepares a test image, runs a logits function
+(PyTorch, ONNX Runtime or OpenVINO) and maps the probabilities back to the image's own size; the
+command line is :mod:`kvseg.commands.predict`, and video frames go through the same predictor
+(:mod:`kvseg.video.segment`).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +17,8 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from rich.progress import track
 
-from kvseg.cli import run_cli
 from kvseg.config import AugmentConfig
 from kvseg.data.augment import build_eval_transform
 from kvseg.data.folder import COMMON_EXTENSIONS, IMAGE_EXTENSIONS, read_image, resize_image
@@ -39,11 +26,11 @@ from kvseg.deploy.backends import Skipped, onnx_logits, onnx_session, openvino_b
 from kvseg.deploy.onnx_model import read_metadata
 from kvseg.errors import CheckpointError, ImageTooLargeError, KvsegError
 from kvseg.evaluation.evaluate import LogitsFn, torch_logits
-from kvseg.evaluation.plots import overlay
+from kvseg.evaluation.overlay import overlay
 from kvseg.evaluation.tta import ALL_TRANSFORMS, with_tta
+from kvseg.files import write_png
 from kvseg.runs.checkpoint import threshold_of
 from kvseg.runs.folder import RunDir
-from kvseg.video.segment import add_video_arguments, predict_videos, split_inputs, video_options
 
 
 @dataclass
@@ -119,16 +106,6 @@ def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    """Write through a temporary name: an interrupted run never leaves half a PNG."""
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise KvsegError(f"{path}: could not encode PNG")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encoded.tobytes())
-    os.replace(tmp, path)
-
-
 def predict_files(
     predictor: Predictor, files: Sequence[Path], out_dir: Path, tta: bool = False, batch_size: int = 8
 ) -> tuple[list[Path], list[str]]:
@@ -155,47 +132,7 @@ def predict_files(
             while name in used_names:
                 name += "_"
             used_names.add(name)
-            _write_png(out_dir / f"{name}_mask.png", mask.astype(np.uint8) * 255)
-            _write_png(out_dir / f"{name}_overlay.png", overlay(image, None, mask)[..., ::-1])
+            write_png(out_dir / f"{name}_mask.png", mask.astype(np.uint8) * 255)
+            write_png(out_dir / f"{name}_overlay.png", overlay(image, None, mask)[..., ::-1])
             written += [out_dir / f"{name}_mask.png", out_dir / f"{name}_overlay.png"]
     return written, problems
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kvseg.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run folder: uses its best checkpoint")
-    source.add_argument("--onnx", help="a model written by export.py (needs no checkpoint)")
-    parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                        help="what runs the --onnx model: ONNX Runtime (default) or OpenVINO (pip install -e \".[openvino]\")")
-    parser.add_argument("inputs", nargs="+", help="image files or folders; video files, camera numbers, stream URLs")
-    parser.add_argument("--out", required=True, help="folder for the masks and overlays")
-    parser.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations/transposes")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-pixels", type=int, metavar="N",
-                        help=f"read images of up to N pixels (default {Image.MAX_IMAGE_PIXELS:,}, Pillow's "
-                             "decompression-bomb limit; 0: no limit)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    add_video_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = args.max_pixels or None
-    videos, args.inputs = split_inputs(args.inputs)
-    options = video_options(args)
-    if args.run and args.runtime != "onnxruntime":
-        raise KvsegError("--runtime applies to --onnx models; --run uses PyTorch")
-    predictor = torch_predictor(args.run) if args.run else onnx_predictor(args.onnx, args.runtime)
-    files, problems = collect_inputs(args.inputs)
-    written, unreadable = predict_files(predictor, files, Path(args.out), tta=args.tta, batch_size=args.batch_size)
-    if files or not videos:
-        print(f"wrote {len(written)} files for {len(written) // 2} image(s) to {args.out}")
-    problems += unreadable
-    messages = [f"{len(problems)} input(s) skipped: " + "; ".join(problems)] if problems else []
-    messages += predict_videos(predictor, videos, Path(args.out), options, model=args.onnx or args.run)
-    if messages:
-        raise KvsegError("; ".join(messages))
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

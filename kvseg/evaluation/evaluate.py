@@ -219,9 +219,9 @@ def _result(metrics: SegmentationMetrics, ids: list[str], loss_name: str | None,
     cm = metrics.confusion_matrix()
     undefined = {}
     if math.isnan(average_precision):
-        undefined["average_precision"] = "the split has no instrument pixel"
+        undefined["average_precision"] = "the split has no foreground pixel"
     if math.isnan(roc_auc):
-        undefined["roc_auc"] = "the split has no instrument pixel" if cm.tp + cm.fn == 0 else "the split has no background pixel"
+        undefined["roc_auc"] = "the split has no foreground pixel" if cm.tp + cm.fn == 0 else "the split has no background pixel"
     return EvalResult(
         loss=float(np.mean(losses)) if losses is not None else None,
         loss_name=loss_name,

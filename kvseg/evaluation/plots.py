@@ -1,32 +1,33 @@
 """Figures of a run: loss curve, metrics, confusion matrix, PR/ROC, feature maps, predictions, augmentations.
 
 They follow the study's figures 1-6; :mod:`kvseg.evaluation.report` computes what they show and writes them.
+Figures are built with matplotlib's object API (:class:`matplotlib.figure.Figure`, no pyplot), which
+needs no display and changes no global backend: importing this module has no side effect.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from kvseg.evaluation.metrics import SCORES
+from kvseg.evaluation.overlay import overlay
+from kvseg.files import replacing
 
-from kvseg.evaluation.metrics import SCORES  # noqa: E402
 
-
-def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     return Path(path)
 
 
 def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     """Train loss per epoch, validation loss where evaluated, and the selected epoch."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     validated = [h for h in history if h.get("val_loss") is not None]
@@ -45,7 +46,8 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
 
 def plot_metrics(metrics: dict, path: str | Path) -> Path:
     """Bar chart of every score, per-image mean beside dataset-level, plus AP and ROC AUC."""
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
     names = list(SCORES)
     x = range(len(names))
     width = 0.38
@@ -55,7 +57,7 @@ def plot_metrics(metrics: dict, path: str | Path) -> Path:
     ax.bar([i + width / 2 for i in x], dataset, width, label="dataset-level")
     extra = {"AP": metrics["average_precision"], "ROC AUC": metrics["roc_auc"]}
     for offset, (name, value) in enumerate(extra.items(), start=len(names)):
-        if value is None:  # undefined, e.g. no instrument pixel in the split: say so instead of a bar
+        if value is None:  # undefined, e.g. no foreground pixel in the split: say so instead of a bar
             ax.annotate("undefined", (offset, 0.02), ha="center", va="bottom", fontsize=7, rotation=90)
         else:
             ax.bar(offset, value, width, color="tab:green")
@@ -71,18 +73,19 @@ def plot_metrics(metrics: dict, path: str | Path) -> Path:
     return _save(fig, path, dpi=120)
 
 
-def plot_confusion_matrix(metrics: dict, path: str | Path) -> Path:
+def plot_confusion_matrix(metrics: dict, path: str | Path, class_name: str = "instrument") -> Path:
     """The 2x2 pixel confusion matrix of the test split, counts and row-normalised rates (Fig. 3)."""
     cm = metrics["confusion_matrix"]
     counts = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]], dtype=np.float64)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(4.6, 4))
+    fig = Figure(figsize=(4.6, 4))
+    ax = fig.subplots()
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (i, j), value in np.ndenumerate(counts):
         ax.text(j, i, f"{int(value):,}\n{rates[i, j]:.2%}", ha="center", va="center",
                 color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
-    ax.set_xticks([0, 1], ["background", "instrument"])
-    ax.set_yticks([0, 1], ["background", "instrument"])
+    ax.set_xticks([0, 1], ["background", class_name])
+    ax.set_yticks([0, 1], ["background", class_name])
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     ax.set_title("Pixel confusion matrix (test)")
@@ -92,11 +95,12 @@ def plot_confusion_matrix(metrics: dict, path: str | Path) -> Path:
 def plot_pr_roc(metrics: dict, path: str | Path) -> Path:
     """Precision-recall and ROC curves of the test pixels, AP and AUC in the legends.
 
-    Where AP or AUC is undefined (a split without instrument or without background pixels) the
+    Where AP or AUC is undefined (a split without foreground or without background pixels) the
     panel says so, with the reason from ``metrics["undefined"]``, instead of a curve.
     """
     curves = metrics.get("curves") or {}
-    fig, (pr, roc) = plt.subplots(1, 2, figsize=(9, 4))
+    fig = Figure(figsize=(9, 4))
+    pr, roc = fig.subplots(1, 2)
     panels = ((pr, "average_precision", "AP", "recall", "precision"), (roc, "roc_auc", "AUC", "fpr", "tpr"))
     for ax, key, label, x, y in panels:
         value = metrics.get(key)
@@ -127,7 +131,8 @@ def plot_feature_maps(maps: dict[str, np.ndarray], path: str | Path, channels: i
 
     ``maps`` holds layer name -> activation (C, H, W) for one image, in network order.
     """
-    fig, axes = plt.subplots(len(maps), channels, figsize=(1.6 * channels, 1.75 * len(maps)), squeeze=False)
+    fig = Figure(figsize=(1.6 * channels, 1.75 * len(maps)))
+    axes = fig.subplots(len(maps), channels, squeeze=False)
     for row, (name, activation) in zip(axes, maps.items()):
         strength = np.abs(activation).mean(axis=(1, 2))
         for column, (ax, channel) in enumerate(zip(row, np.argsort(strength)[::-1][:channels])):
@@ -140,39 +145,21 @@ def plot_feature_maps(maps: dict[str, np.ndarray], path: str | Path, channels: i
     return _save(fig, path, dpi=110)
 
 
-def overlay(image: np.ndarray, truth: np.ndarray | None, predicted: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 image with the prediction over it; with ``truth``: agreement yellow, missed green, extra magenta.
-
-    Blended by OpenCV over the whole image, then copied where each layer is: a 720p video frame
-    takes a few milliseconds (boolean indexing in float32 took 30-80 ms), with the same pixels.
-    """
-    predicted = predicted.astype(bool)
-    if truth is None:
-        layers = [(predicted, (255, 0, 80))]
-    else:
-        truth = truth.astype(bool)
-        layers = [(truth & predicted, (255, 230, 0)), (truth & ~predicted, (0, 255, 0)), (~truth & predicted, (255, 0, 255))]
-    out = image.copy()
-    for where, colour in layers:
-        tinted = cv2.addWeighted(image, 1 - alpha, np.full_like(image, colour), alpha, 0.0)
-        cv2.copyTo(tinted, where.view(np.uint8), out)
-    return out
-
-
-def plot_predictions(rows: list[dict], path: str | Path, columns: int = 4) -> Path:
+def plot_predictions(rows: list[dict], path: str | Path, columns: int = 4, class_name: str = "instrument") -> Path:
     """A grid of images with ground truth and prediction overlaid, IoU in each title.
 
     ``rows`` items: ``image`` (H, W, 3) uint8, ``truth`` and ``predicted`` (H, W), ``title``.
     """
     count = len(rows)
     lines = (count + columns - 1) // columns
-    fig, axes = plt.subplots(lines, columns, figsize=(3 * columns, 3.1 * lines), squeeze=False)
+    fig = Figure(figsize=(3 * columns, 3.1 * lines))
+    axes = fig.subplots(lines, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows):
         ax.imshow(overlay(row["image"], row["truth"], row["predicted"]))
         ax.set_title(row["title"], fontsize=8)
-    fig.suptitle("Yellow: instrument found; green: missed; magenta: false alarm", fontsize=10)
+    fig.suptitle(f"Yellow: {class_name} found; green: missed; magenta: false alarm", fontsize=10)
     return _save(fig, path, dpi=110)
 
 
@@ -183,7 +170,8 @@ def plot_augmentations(panels: list[dict], path: str | Path) -> Path:
     prediction mapped back to the original orientation, IoU).
     """
     columns = len(panels[0]["versions"])
-    fig, axes = plt.subplots(2 * len(panels), columns, figsize=(2.4 * columns, 4.9 * len(panels)), squeeze=False)
+    fig = Figure(figsize=(2.4 * columns, 4.9 * len(panels)))
+    axes = fig.subplots(2 * len(panels), columns, squeeze=False)
     for index, panel in enumerate(panels):
         for column, (name, augmented, predicted, iou) in enumerate(panel["versions"]):
             top, bottom = axes[2 * index, column], axes[2 * index + 1, column]

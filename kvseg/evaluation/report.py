@@ -1,29 +1,24 @@
 """The figures and the index.html of a run, from its folder and its best checkpoint.
 
-    python -m kvseg.report RUN_DIR [--data-dir DIR]
-
-Writes into RUN_DIR: loss_curve.png, metrics.png, confusion_matrix.png, pr_roc.png (the study's
+:func:`write_report` writes into RUN_DIR: loss_curve.png, metrics.png, confusion_matrix.png, pr_roc.png (the study's
 figures 1-3), feature_maps.png (Fig. 4), predictions.png (training images, then the worst test
 images first), augmentations.png (Fig. 6) and index.html showing the metrics and every figure.
-Training calls it at the end of every run.
+The training command calls it at the end of every run; ``python -m kvseg.report`` again at any time.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kvseg.cli import run_cli
 from kvseg.config import config_to_dict
 from kvseg.data.dataset import SegmentationDataset
+from kvseg.evaluation.datasets import eval_datasets
 from kvseg.evaluation.evaluate import evaluate, torch_logits
 from kvseg.evaluation.metrics import SCORES
 from kvseg.evaluation.plots import (
@@ -36,13 +31,14 @@ from kvseg.evaluation.plots import (
     plot_predictions,
 )
 from kvseg.evaluation.tta import DIHEDRAL
+from kvseg.files import write_text
 from kvseg.models.losses import build_loss
 from kvseg.models.unet import UNet
 from kvseg.runs.checkpoint import threshold_of
 from kvseg.runs.folder import RunDir
 
 FIGURES = {
-    "loss_curve.png": "Loss per epoch (train, and test where evaluated)",
+    "loss_curve.png": "Loss per epoch (train, and validation where evaluated)",
     "metrics.png": "Test metrics, per-image mean and dataset-level",
     "confusion_matrix.png": "Pixel confusion matrix of the test split",
     "pr_roc.png": "Precision-recall and ROC curves of the test pixels",
@@ -183,7 +179,7 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 {figures}
 </body></html>
 """
-    run.index.write_text(page)
+    write_text(run.index, page)
     return run.index
 
 
@@ -198,7 +194,7 @@ def write_report(run_dir: str | Path, data_dir: str | None = None, train_images:
     """
     run = RunDir(run_dir)
     model, cfg, payload = run.load_model()
-    datasets = run.eval_datasets(cfg, data_dir)
+    datasets = eval_datasets(cfg, run, data_dir)
     train_set, test_set = datasets["train"], datasets["test"]
     rows = [row for row in run.read_per_image() if row["split"] == "test"]
     if run.metrics.is_file():
@@ -212,7 +208,8 @@ def write_report(run_dir: str | Path, data_dir: str | None = None, train_images:
     test = metrics["test"]
     threshold = test["threshold"]
     history = json.loads(run.history.read_text()) if run.history.is_file() else []
-    written = [plot_metrics(test, run.path / "metrics.png"), plot_confusion_matrix(test, run.path / "confusion_matrix.png")]
+    written = [plot_metrics(test, run.path / "metrics.png"), plot_confusion_matrix(test, run.path / "confusion_matrix.png",
+                                                                                 cfg.data.class_name)]
     if history:
         written.append(plot_loss_curve(history, run.path / "loss_curve.png"))
     written.append(plot_pr_roc(test, run.path / "pr_roc.png"))  # "undefined" and why, where a curve is missing
@@ -227,25 +224,10 @@ def write_report(run_dir: str | Path, data_dir: str | None = None, train_images:
     for sample_id in worst:
         shown = _predicted(model, test_set, test_index[sample_id], threshold)
         shown_rows.append({**shown, "title": f"test {sample_id}: IoU {shown['iou']:.3f}"})
-    written.append(plot_predictions(shown_rows, run.path / "predictions.png"))
+    written.append(plot_predictions(shown_rows, run.path / "predictions.png", class_name=cfg.data.class_name))
     panels = [augmentation_panel(model, test_set, i, threshold) for i in range(min(3, len(test_set)))]
     written.append(plot_augmentations(panels, run.path / "augmentations.png"))
     written.append(plot_feature_maps(feature_maps(model, test_set[0][0]), run.path / "feature_maps.png"))
     environment = json.loads(run.environment.read_text()) if run.environment.is_file() else None
     written.append(write_index(run.path, metrics, config_to_dict(cfg), environment))
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kvseg.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="run folder written by train_ddp.py")
-    parser.add_argument("--data-dir", help="dataset folder, when it moved since training")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    args = parser.parse_args(argv)
-    for path in write_report(args.run_dir, args.data_dir):
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

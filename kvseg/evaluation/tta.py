@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kvseg.config import TTA_TRANSFORMS
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 # name: (forward, inverse)
@@ -25,6 +27,7 @@ DIHEDRAL: dict[str, tuple[Transform, Transform]] = {
     "antitranspose": (lambda x: x.rot90(2, (-2, -1)).transpose(-2, -1), lambda x: x.transpose(-2, -1).rot90(-2, (-2, -1))),
 }
 ALL_TRANSFORMS = tuple(DIHEDRAL)
+assert ALL_TRANSFORMS == TTA_TRANSFORMS, "kvseg.config.TTA_TRANSFORMS names these transforms"
 _EPSILON = 1e-7
 
 

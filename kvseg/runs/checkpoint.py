@@ -1,14 +1,12 @@
-"""Self-describing model checkpoints and atomic JSON files.
+"""Self-describing model checkpoints.
 
 A model checkpoint holds the weights, the resolved config and the metrics of its epoch; it is written
-atomically and read with ``weights_only=True``. Where checkpoints live is decided by :mod:`kvseg.runs.folder`.
+atomically (:func:`kvseg.files.replacing`) and read with ``weights_only=True``. Where checkpoints
+live is decided by :mod:`kvseg.runs.folder`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
 
 import torch
@@ -16,31 +14,10 @@ import torch
 import kvseg
 from kvseg.config import Config, config_from_dict, config_to_dict
 from kvseg.errors import CheckpointError
+from kvseg.files import json_safe, replacing
 from kvseg.models.unet import UNet, build_model
 
 CHECKPOINT_FORMAT = "kvseg-checkpoint-1"
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value: object) -> object:
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def json_safe(value: object) -> object:
-    """NaN and infinities become None (JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def save_model_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, epoch: int, metrics: dict | None,
@@ -63,9 +40,8 @@ def save_model_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, epoch
 
 
 def _save(payload: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def set_threshold(path: Path, threshold: float, tuning: dict) -> None:

@@ -15,7 +15,6 @@ import csv
 import fcntl
 import io
 import json
-import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -24,18 +23,24 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
+from torch import nn
 
-from kvseg.config import Config, config_to_yaml, load_config
-from kvseg.data.dataset import SegmentationDataset, build_datasets
+from kvseg.config import Config, config_to_yaml
 from kvseg.data.folder import find_samples
 from kvseg.data.splits import Split, resolve_split, write_split
-from kvseg.deploy.onnx_model import precision_path
 from kvseg.errors import CheckpointError
-from kvseg.evaluation.evaluate import EvalResult
-from kvseg.models.unet import UNet
-from kvseg.runs.checkpoint import json_safe, load_trained_model, write_json_atomic
+from kvseg.files import json_safe, write_json, write_text
+from kvseg.runs.checkpoint import load_trained_model
 
 PER_IMAGE_COLUMNS = ("id", "split", "iou", "dice", "loss", "true_fraction", "predicted_fraction")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def precision_path(fp32_path: Path, precision: str) -> Path:
+    """Where the model of ``precision`` lives beside the fp32 one: ``model.onnx`` -> ``model_int8.onnx``."""
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"precision {precision!r}; expected one of {', '.join(ONNX_PRECISIONS)}")
+    return fp32_path if precision == "fp32" else fp32_path.with_name(f"{fp32_path.stem}_{precision}{fp32_path.suffix}")
 
 
 @dataclass
@@ -120,7 +125,7 @@ class RunDir:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if self.keeps_copy(accelerator):
-            write_json_atomic(tmp / "progress.json", json_safe(asdict(progress)))
+            write_json(tmp / "progress.json", json_safe(asdict(progress)))
             shutil.rmtree(old, ignore_errors=True)
             if current.exists():
                 current.rename(old)
@@ -181,28 +186,29 @@ class RunDir:
     def write_start(self, cfg: Config, split: Split, environment: dict) -> None:
         """The resolved config, the split and the environment record, at the start of a run."""
         write_split(split, self.path)
-        self.config.write_text(config_to_yaml(cfg))
-        write_json_atomic(self.environment, environment)
+        self.write_config(cfg)
+        write_json(self.environment, environment)
+
+    def write_config(self, cfg: Config) -> None:
+        """config.yaml: the resolved config of the run."""
+        write_text(self.config, config_to_yaml(cfg))
 
     def write_history(self, history: list[dict]) -> None:
-        write_json_atomic(self.history, json_safe(history))
+        write_json(self.history, json_safe(history))
 
     def write_metrics(self, metrics: dict) -> None:
-        write_json_atomic(self.metrics, json_safe(metrics))
+        write_json(self.metrics, json_safe(metrics))
 
-    def write_per_image(self, results: dict[str, EvalResult]) -> None:
-        """per_image.csv: one row per image of each evaluated split (id, split, IoU, Dice, loss, fractions)."""
+    def write_per_image(self, rows: list[dict]) -> None:
+        """per_image.csv: one row per image of each evaluated split, with the keys of :data:`PER_IMAGE_COLUMNS`
+        (a loss of None is written empty)."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(PER_IMAGE_COLUMNS)
-        for split, result in results.items():
-            for row in result.images:
-                writer.writerow([row.id, split, f"{row.iou:.6f}", f"{row.dice:.6f}",
-                                 "" if row.loss is None else f"{row.loss:.6f}", f"{row.true_fraction:.6f}",
-                                 f"{row.predicted_fraction:.6f}"])
-        tmp = self.per_image.with_name(self.per_image.name + ".tmp")
-        tmp.write_text(out.getvalue())
-        os.replace(tmp, self.per_image)
+        for row in rows:
+            writer.writerow([row["id"], row["split"]] + [
+                "" if row[key] is None else f"{row[key]:.6f}" for key in PER_IMAGE_COLUMNS[2:]])
+        write_text(self.per_image, out.getvalue())
 
     def read_per_image(self) -> list[dict]:
         """The rows of per_image.csv (numbers as floats; loss None when empty); [] when there is none."""
@@ -215,7 +221,7 @@ class RunDir:
 
     # -- reading back -----------------------------------------------------------------------
 
-    def load_model(self) -> tuple[UNet, Config, dict]:
+    def load_model(self) -> tuple[nn.Module, Config, dict]:
         """The selected (best) model in fp32 eval mode, its config and its checkpoint payload."""
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: run folder not found")
@@ -229,27 +235,10 @@ class RunDir:
         folder = self.path if (self.path / "test.txt").is_file() else root
         return resolve_split(folder, find_samples(root), cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
 
-    def eval_datasets(self, cfg: Config, data_dir: str | Path | None = None) -> dict[str, SegmentationDataset]:
-        """See :func:`eval_datasets`."""
-        return eval_datasets(cfg, self, data_dir)
-
 
 def blocking_file(path: Path) -> Path | None:
     """The first parent of ``path`` that exists and is a file, which stops ``path`` being made; None if none."""
     return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-
-
-def eval_datasets(cfg: Config, run: RunDir | None, data_dir: str | Path | None = None) -> dict[str, SegmentationDataset]:
-    """A run's train, validation and test images through the eval pipeline (no random augmentation), by split.
-
-    The split is the one saved in ``run``; without a run, it is resolved from the data folder as
-    training would. ``data_dir`` replaces the config's data root when the data moved.
-    """
-    root = Path(data_dir or cfg.data.root)
-    samples = find_samples(root)
-    split = run.split(cfg, root) if run is not None else resolve_split(
-        root, samples, cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
-    return build_datasets(cfg, samples, dict(split.items()), augment=())
 
 
 def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) -> RunDir:
@@ -285,20 +274,6 @@ def open_run(path: str | Path) -> RunDir:
     if not run.config.is_file():
         raise CheckpointError(f"{run}: not a run folder (expected config.yaml inside)")
     return run
-
-
-def resume_config(run: RunDir, cfg: Config) -> None:
-    """Check that ``cfg`` can continue ``run``: same model and image size as it was trained with.
-
-    Raises:
-        CheckpointError: the model or image size differ.
-    """
-    previous = load_config(run.config)
-    if previous.model != cfg.model or previous.data.image_size != cfg.data.image_size:
-        raise CheckpointError(
-            f"{run}: checkpoint was trained with model {previous.model} at image size {previous.data.image_size}; "
-            f"cannot resume with model {cfg.model} at image size {cfg.data.image_size}"
-        )
 
 
 def latest_run(output_dir: str | Path) -> RunDir:

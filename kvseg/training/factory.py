@@ -8,6 +8,7 @@ and prepares them with ``accelerate``; :mod:`kvseg.training.train` runs the loop
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from accelerate.utils import ProjectConfiguration
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from kvseg.config import Config, config_to_dict, config_to_yaml
+from kvseg.config import Config, config_to_dict, config_to_yaml, load_config
 from kvseg.data.check import check_training_data
 from kvseg.data.dataset import SegmentationDataset, build_dataloaders, build_datasets
 from kvseg.data.folder import find_samples
@@ -29,9 +30,11 @@ from kvseg.errors import CheckpointError, ConfigError
 from kvseg.evaluation.evaluate import LogitsFn, torch_logits
 from kvseg.models.losses import build_loss
 from kvseg.models.unet import build_model
-from kvseg.runs.folder import Progress, RunDir, create_run, open_run, resume_config
+from kvseg.runs.folder import Progress, RunDir, create_run, open_run
 from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
 from kvseg.training.optim import build_ema, build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,7 +69,7 @@ def build_training(cfg: Config, split: Split, accelerator: Accelerator) -> Train
     model = prepare_model(cfg, accelerator)
     optimizer = build_optimizer(model, cfg.train)
     with accelerator.local_main_process_first():  # one process per machine fills the disk cache; the others read it
-        datasets = build_datasets(cfg, find_samples(cfg.data.root), dict(split.items()), log=accelerator.print)
+        datasets = build_datasets(cfg, find_samples(cfg.data.root), dict(split.items()))
     loaders = build_dataloaders(cfg, datasets, accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
@@ -173,9 +176,9 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
         run, state, progress = create_run(cfg.output_dir, cfg.run_name, accelerator), None, Progress()
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
-    accelerator.print(config_to_yaml(cfg).rstrip())
+    logger.info(config_to_yaml(cfg).rstrip())
     run.claim(accelerator)
-    accelerator.print(
+    logger.info(
         f"Run folder {run}; data {cfg.data.root} ({len(split.train)} train / {len(split.val)} validation / "
         f"{len(split.test)} test, split from {split.source}); {accelerator.num_processes} process(es) on "
         f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
@@ -186,10 +189,24 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
     return run, split, progress, state
 
 
+def resume_config(run: RunDir, cfg: Config) -> None:
+    """Check that ``cfg`` can continue ``run``: same model and image size as it was trained with.
+
+    Raises:
+        CheckpointError: the model or image size differ.
+    """
+    previous = load_config(run.config)
+    if previous.model != cfg.model or previous.data.image_size != cfg.data.image_size:
+        raise CheckpointError(
+            f"{run}: checkpoint was trained with model {previous.model} at image size {previous.data.image_size}; "
+            f"cannot resume with model {cfg.model} at image size {cfg.data.image_size}"
+        )
+
+
 def load_state(accelerator: Accelerator, state: Path, progress: Progress) -> None:
     """Restore model, optimizer, scheduler, EMA, sampler and RNG states saved by :meth:`RunDir.save_state`."""
     try:
         accelerator.load_state(str(state))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{state}: cannot load training state ({str(exc).splitlines()[0]})") from None
-    accelerator.print(f"Resumed from {state} after epoch {progress.epoch}")
+    logger.info(f"Resumed from {state} after epoch {progress.epoch}")

@@ -7,6 +7,7 @@ of rank logic goes through it. One epoch is :func:`train_one_epoch`; scoring is
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -24,13 +25,14 @@ from torch.utils.data import DataLoader
 from kvseg.config import Config
 from kvseg.errors import KvsegError
 from kvseg.evaluation.evaluate import EvalResult, evaluate, tune_threshold
-from kvseg.evaluation.report import write_report
 from kvseg.runs.checkpoint import load_model_checkpoint, set_threshold
 from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
 from kvseg.training.distributed import check_process_group
 from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
 from kvseg.training.saver import CheckpointSaver
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(KvsegError):
@@ -204,7 +206,7 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1 if not progress.stopped_early else 0):
         run_epoch(epoch, cfg, training, score, saver, accelerator)
         if progress.stopped_early:
-            accelerator.print(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
+            logger.info(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
                               f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
             break
     finish_run(cfg, training, score, saver, accelerator)
@@ -221,7 +223,7 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
                             cfg.train.channels_last, f"epoch {epoch}/{epochs}", scheduler=training.scheduler,
                             ema=training.ema)
     check_finite(stats, epoch, run, progress)
-    accelerator.print(stats.line(epoch, epochs))
+    logger.info(stats.line(epoch, epochs))
     due = "val" in training.loaders and (epoch == epochs or epoch % cfg.train.eval_every == 0)
     started = time.perf_counter()
     result = score(training.logits, training.loaders["val"]) if due else None
@@ -229,7 +231,7 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     progress.epoch = epoch
     best = saver.save(training.weights, cfg, epoch, result, write=accelerator.is_main_process)
     if result is not None:
-        accelerator.print(f"Validation {result.line()}{' (best so far)' if best else ''}")
+        logger.info(f"Validation {result.line()}{' (best so far)' if best else ''}")
     progress.history.append({**history_record(epoch, stats, result, best), "val_seconds": validation_seconds})
     accelerator.log({k: v for k, v in progress.history[-1].items() if isinstance(v, float)}, step=epoch)
     progress.stopped_early = not saver.patience_left(cfg.train.early_stopping_patience, cfg.train.eval_every)
@@ -241,7 +243,8 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
 def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator) -> None:
     """Load the selected weights, tune the threshold on validation (optional), then score the test split once.
 
-    Writes metrics.json, per_image.csv and the report. The test split is evaluated here and nowhere
+    Writes metrics.json and per_image.csv (the figures and index.html are :mod:`kvseg.evaluation.report`'s,
+    written by the command after training). The test split is evaluated here and nowhere
     else, with the weights and threshold that validation chose.
     """
     run, loaders, scored = saver.run, training.loaders, training.logits
@@ -253,29 +256,28 @@ def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, a
     if cfg.eval.tune_threshold and "val" in loaders:
         choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, gather=accelerator.gather_for_metrics)
         threshold, tuning = choice.value, asdict(choice)
-        accelerator.print(f"Threshold {threshold} (tuned on validation: per-image Dice {max(choice.dice):.4f})")
+        logger.info(f"Threshold {threshold} (tuned on validation: per-image Dice {max(choice.dice):.4f})")
         if accelerator.is_main_process:
             set_threshold(run.best, threshold, tuning)
     selection = saver.selection()
-    accelerator.print(f"Selected epoch {selection['epoch']}"
+    logger.info(f"Selected epoch {selection['epoch']}"
                       + (f" (validation {selection['metric']} {selection['score']:.4f})" if selection["split"] else
                          " (no validation split: the last epoch)"))
     results = {name: score(scored, loaders[name], threshold=threshold) for name in ("val", "test") if name in loaders}
-    accelerator.print(f"Test {results['test'].line()}")
+    logger.info(f"Test {results['test'].line()}")
     metrics = {"epoch": selection["epoch"], "epochs_trained": saver.progress.epoch,
                "stopped_early": saver.progress.stopped_early, "selection": selection,
                "threshold": {"value": threshold, "tuned_on": "validation" if tuning else None, **(tuning or {})},
                **{("validation" if name == "val" else name): _without_rows(result) for name, result in results.items()}}
     if cfg.eval.tta:
         tta = score(scored, loaders["test"], threshold=threshold, tta=cfg.eval.tta)
-        accelerator.print(f"With TTA ({len(cfg.eval.tta)} transforms): Test {tta.line()}")
+        logger.info(f"With TTA ({len(cfg.eval.tta)} transforms): Test {tta.line()}")
         metrics["test_tta"] = _without_rows(tta)
     if accelerator.is_main_process:
         run.write_metrics(metrics)
-        run.write_per_image({("validation" if name == "val" else name): result for name, result in results.items()})
-        write_report(run)
+        run.write_per_image([{**asdict(row), "split": "validation" if name == "val" else name}
+                             for name, result in results.items() for row in result.images])
     accelerator.log({f"test_{k}": v for k, v in asdict(results["test"].per_image).items()}, step=saver.progress.epoch)
-    accelerator.print(f"Wrote {run}")
 
 
 def _without_rows(result: EvalResult) -> dict:

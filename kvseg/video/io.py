@@ -14,7 +14,6 @@ Frames are RGB uint8 (H, W, 3) throughout, as :func:`kvseg.data.folder.read_imag
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -229,11 +228,3 @@ class VideoWriter:
             self._container.close()
 
 
-def write_mask_png(path: Path, mask: np.ndarray) -> None:
-    """A 0/255 PNG of a boolean mask, through a temporary name: an interrupted run leaves no half PNG."""
-    ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
-    if not ok:
-        raise VideoError(f"{path}: could not encode PNG")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encoded.tobytes())
-    os.replace(tmp, path)

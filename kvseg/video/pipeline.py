@@ -8,11 +8,12 @@ length of the video, and the slowest stage sets the pace. :func:`kvseg.video.seg
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,11 @@ import cv2
 import numpy as np
 import torch
 
+from kvseg.files import write_png
 from kvseg.runtime import usable_cores
-from kvseg.video.io import VideoInfo, VideoSource, VideoWriter, write_mask_png
+from kvseg.video.io import VideoInfo, VideoSource, VideoWriter
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("decode", "preprocess", "inference", "postprocess", "encode")
 THREADS = {"decode": ("decode",), "model": ("preprocess", "inference", "postprocess"), "encode": ("encode",)}
@@ -167,7 +171,7 @@ class Pipeline:
                 start = time.perf_counter()
                 self.writer.write(item.overlay, item.pts)
                 if item.mask is not None:
-                    write_mask_png(self.masks_dir / f"frame_{item.index:06d}.png", item.mask)
+                    write_png(self.masks_dir / f"frame_{item.index:06d}.png", item.mask.astype(np.uint8) * 255)
                 done = time.perf_counter()
                 self.seconds["encode"] += done - start
                 self.latencies.append(1e3 * (done - item.arrived))
@@ -259,8 +263,8 @@ class Smoother:
 class Meter:
     """Frames per second over the current second; one log line a second."""
 
-    def __init__(self, info: VideoInfo, seconds: dict[str, float], log: Callable[[str], None]) -> None:
-        self.info, self.seconds, self.log = info, seconds, log
+    def __init__(self, info: VideoInfo, seconds: dict[str, float], enabled: bool = True) -> None:
+        self.info, self.seconds, self.enabled = info, seconds, enabled
         self.since, self.frames_then, self.frames = time.perf_counter(), 0, 0
 
     def fps(self, now: float) -> float:
@@ -269,10 +273,10 @@ class Meter:
     def count(self) -> None:
         self.frames += 1
         now = time.perf_counter()
-        if now - self.since >= 1.0:
+        if self.enabled and now - self.since >= 1.0:
             ms = {stage: 1e3 * self.seconds[stage] / self.frames for stage in STAGES}
             of = f"/{self.info.frames}" if self.info.frames else ""
-            self.log(f"{self.info.name}: frame {self.frames}{of}, {self.fps(now):.1f} fps; ms/frame "
+            logger.info(f"{self.info.name}: frame {self.frames}{of}, {self.fps(now):.1f} fps; ms/frame "
                      + ", ".join(f"{stage} {ms[stage]:.1f}" for stage in STAGES))
             self.since, self.frames_then = now, self.frames
 

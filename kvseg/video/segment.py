@@ -19,9 +19,9 @@ queued frames are finished and the files closed.
 
 from __future__ import annotations
 
-import argparse
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +31,7 @@ import torch
 
 from kvseg.evaluation.plots import overlay
 from kvseg.evaluation.tta import ALL_TRANSFORMS, with_tta
-from kvseg.runs.checkpoint import write_json_atomic
+from kvseg.files import write_json
 from kvseg.runtime import usable_cores
 from kvseg.video.io import (
     VideoError,
@@ -54,6 +54,8 @@ from kvseg.video.pipeline import (
     ctrl_c_sets,
     torch_leaves_a_core,
 )
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from kvseg.deploy.predict import Predictor
@@ -156,11 +158,11 @@ def segment_video(
     overlay_path: Path,
     masks_dir: Path | None = None,
     options: VideoOptions | None = None,
-    log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> VideoResult:
     """Segment every frame of ``source``; write the overlay video (and masks) as they come.
 
-    Logs one line a second (frames, fps, ms per stage). PyTorch leaves a core to decoding and
+    With ``progress``, logs one line a second (frames, fps, ms per stage). PyTorch leaves a core to decoding and
     encoding meanwhile (:func:`torch_leaves_a_core`). A decoding error of the source ends the
     video there: the frames before it are finished and the overlay closed, playable, and the result
     has ``stopped == "error"`` and the one-line message. Ctrl-C ends it the same way (``"ctrl-c"``).
@@ -176,7 +178,7 @@ def segment_video(
     logits_fn = with_tta(predictor.logits, ALL_TRANSFORMS) if options.tta else predictor.logits
     smoother = Smoother(options.smooth, predictor.threshold)
     seconds = pipeline.seconds
-    meter = Meter(info, seconds, log)
+    meter = Meter(info, seconds, progress)
     fractions: list[float] = []
     first_arrival: float | None = None
     stopped, error = "end", None
@@ -237,31 +239,6 @@ def segment_video(
     )
 
 
-def add_video_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of video inputs, for ``python -m kvseg.predict``."""
-    group = parser.add_argument_group("video inputs (files, camera numbers, stream URLs)")
-    group.add_argument("--save-masks", action="store_true", help="also write STEM_masks/frame_NNNNNN.png (0/255)")
-    group.add_argument("--smooth", type=float, default=0.0, metavar="A",
-                       help="average the probabilities over frames: A * previous + (1 - A) * new (0: off, e.g. 0.5)")
-    group.add_argument("--video-batch-size", type=int, default=1, metavar="N", help="frames per model call (default 1)")
-    group.add_argument("--caption", action="store_true", help="write the processing fps and latency into the overlay")
-    group.add_argument("--max-frames", type=int, metavar="N", help="stop each video after N frames")
-
-
-def video_options(args: argparse.Namespace) -> VideoOptions:
-    """The :class:`VideoOptions` of parsed command-line flags.
-
-    Raises:
-        VideoError: a flag out of range.
-    """
-    if not 0 <= args.smooth < 1:
-        raise VideoError(f"--smooth is {args.smooth}; expected 0 (off) up to but not including 1")
-    if args.video_batch_size < 1 or (args.max_frames is not None and args.max_frames < 1):
-        raise VideoError("--video-batch-size and --max-frames must be at least 1")
-    return VideoOptions(batch_size=args.video_batch_size, smooth=args.smooth, tta=args.tta,
-                        save_masks=args.save_masks, caption=args.caption, max_frames=args.max_frames)
-
-
 def split_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """Video inputs (files with a video extension, camera numbers, URLs) and the rest (images, folders)."""
     videos = [text for text in inputs if is_video_input(text)]
@@ -270,7 +247,6 @@ def split_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def predict_videos(
     predictor: Predictor, inputs: Sequence[str], out_dir: Path, options: VideoOptions, model: str,
-    log: Callable[[str], None] = print,
 ) -> list[str]:
     """Segment each video input into ``out_dir``; returns the one-line problems (unreadable, truncated).
 
@@ -291,13 +267,13 @@ def predict_videos(
             stem += "_"
         used.add(stem)
         masks_dir = out_dir / f"{stem}_masks" if options.save_masks else None
-        result = segment_video(predictor, source, out_dir / f"{stem}_overlay.mp4", masks_dir, options, log)
-        write_json_atomic(out_dir / f"{stem}.json", {"model": model, **result.to_json()})
-        log(result.line())
+        result = segment_video(predictor, source, out_dir / f"{stem}_overlay.mp4", masks_dir, options)
+        write_json(out_dir / f"{stem}.json", {"model": model, **result.to_json()})
+        logger.info(result.line())
         if result.error:
             problems.append(f"{result.error}; the {result.frames} frames before it are in {result.overlay}")
         if result.stopped == "ctrl-c":
-            log(f"stopped by Ctrl-C after {result.frames} frames of {text}; its files are closed and playable")
+            logger.info(f"stopped by Ctrl-C after {result.frames} frames of {text}; its files are closed and playable")
             if not result.live:
                 problems.append(f"{text}: frame {result.frames}: stopped by Ctrl-C; the {result.frames} frames before "
                                 f"it are in {result.overlay}")

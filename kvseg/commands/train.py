@@ -1,0 +1,78 @@
+"""Train a model on one or many GPUs, or CPU processes: the command behind ``train_ddp.py`` and ``kvseg train``.
+
+    accelerate launch train_ddp.py
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train_ddp.py --epochs 2
+    accelerate launch --config_file configs/accelerate/gpu_all_bf16.yaml train_ddp.py --config configs/gpu_h100.yaml
+    accelerate launch train_ddp.py --resume runs/20260101-120000
+
+With no dataset at data.root (``data/kvasir-instrument``) and no --data-dir, the synthetic stand-in
+is written to ``data/synthetic-kvasir-instrument`` and used. After training, the main process
+writes the run's figures and index.html (:func:`kvseg.evaluation.report.write_report`). Bad input
+ends with one line ``error: ...`` and exit status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from kvseg.cli import is_main_rank
+from kvseg.config import load_config
+from kvseg.evaluation.report import write_report
+from kvseg.runs.folder import open_run
+from kvseg.training.factory import RunOptions
+from kvseg.training.train import run_training
+
+logger = logging.getLogger(__name__)
+
+FLAG_FIELDS = {
+    "data_dir": "data.root",
+    "output_dir": "output_dir",
+    "run_name": "run_name",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "image_size": "data.image_size",
+    "lr": "train.lr",
+    "num_workers": "data.num_workers",
+    "seed": "train.seed",
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
+    parser.add_argument("--data-dir", help="dataset folder with images/ and masks/ (must exist)")
+    parser.add_argument("--output-dir", help="where run folders are created (default runs/)")
+    parser.add_argument("--run-name", help="run folder name (default: a time stamp)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="per process")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--num-workers", type=int, help="DataLoader worker processes per training process")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last completed epoch")
+    parser.add_argument(
+        "--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
+        help="auto: the launcher's setting, or bf16 on a CPU with native bf16 (default)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. train.eval_every=2"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
+    config_file = args.config
+    if args.resume:
+        config_file = open_run(args.resume).config
+    cfg = load_config(config_file, overrides + args.set)
+    options = RunOptions(data_dir_given=args.data_dir is not None, resume=args.resume, mixed_precision=args.mixed_precision)
+    run = run_training(cfg, options)
+    if is_main_rank():
+        write_report(run)
+        logger.info(f"Wrote {run}")
+
