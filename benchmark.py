@@ -1,15 +1,7 @@
-"""Benchmark a trained kvseg run: PyTorch vs ONNX Runtime latency, IoU parity, training speed
-(the command is :mod:`kvseg.commands.benchmark`).
+"""Benchmark a trained run: ``python benchmark.py [--run RUN_DIR] [--full] [--video]``.
 
-    python benchmark.py                          # newest run under runs/, every backend that loads here
-    python benchmark.py --full                   # the long form: more timed calls and steps
-    python benchmark.py --run runs/NAME --batch-sizes 1,8 --iters 50 --warmup 10
-    python benchmark.py --backends torch-fp32,ort-fp32,ort-int8 --train-steps 0 --json bench.json
-    python benchmark.py --run runs/NAME --backends ort-fp32,ort-int8 --train-steps 0 --video   # + 720p video row
-    python benchmark.py --run runs/NAME --backends torch-fp32 --train-steps 0 --loader-seconds 0   # latency, parity
-
-Exports the run's ONNX models first when they are missing. Prints the tables and writes
-RUN_DIR/benchmark.json and RUN_DIR/benchmark.md (plus --json / --markdown copies).
+PyTorch, ONNX Runtime and OpenVINO latency, IoU parity and training speed; the command is
+:mod:`kvseg.commands.benchmark`, ``python benchmark.py --help`` lists its flags.
 """
 
 import sys

@@ -1,12 +1,6 @@
-"""Export a trained kvseg run to a verified ONNX model (the command is :mod:`kvseg.commands.export`).
+"""Export a trained run to verified ONNX models: ``python export.py [--run RUN_DIR] [--fp16] [--int8]``.
 
-    python export.py                                   # best checkpoint of the newest run under runs/
-    python export.py --run runs/20260101-120000 --fp16 --int8
-    python export.py --checkpoint model.pt --output deploy/model.onnx --dynamic batch
-
-Writes RUN_DIR/model.onnx (and model_fp16.onnx / model_int8.onnx), each verified against PyTorch
-in ONNX Runtime before it is put in place, and RUN_DIR/export.json with the figures. Bad input ends
-with one line ``error: ...`` and exit status 2.
+The command is :mod:`kvseg.commands.export`; ``python export.py --help`` lists its flags.
 """
 
 import sys

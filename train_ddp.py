@@ -1,13 +1,9 @@
-"""Train a model on one or many GPUs, or CPU processes (the command is :mod:`kvseg.commands.train`).
+"""Train a model on one or many GPUs, CPU processes or machines: ``accelerate launch train_ddp.py [--data-dir DIR]``.
 
-    accelerate launch train_ddp.py
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train_ddp.py --epochs 2
-    accelerate launch --config_file configs/accelerate/gpu_all_bf16.yaml train_ddp.py --config configs/gpu_h100.yaml
     accelerate launch train_ddp.py --resume runs/20260101-120000
 
-With no dataset at data.root (``data/kvasir-instrument``) and no --data-dir, the synthetic stand-in
-is written to ``data/synthetic-kvasir-instrument`` and used. Bad input ends with one line
-``error: ...`` and exit status 2 (``--debug`` shows the traceback).
+The command is :mod:`kvseg.commands.train`; ``python train_ddp.py --help`` lists its flags.
 """
 
 from kvseg.allocator import reexec_with_allocator

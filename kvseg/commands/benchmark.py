@@ -54,7 +54,8 @@ def _backends(text: str) -> list[str]:
     return names
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags (the docs' commands are checked against them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="run folder (default: the newest under --runs-dir)")
     parser.add_argument("--runs-dir", default="runs")
@@ -75,7 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the JSON report here")
     parser.add_argument("--markdown", help="also write the Markdown report here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    return parser.parse_args(argv)
+    return parser
 
 
 def budget_of(args: argparse.Namespace) -> Budget:
@@ -95,7 +96,7 @@ def budget_of(args: argparse.Namespace) -> Budget:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if (args.iters is not None and args.iters < 1) or min(args.warmup or 0, args.train_steps or 0, args.video) < 0:
         raise KvsegError("--iters must be at least 1, --warmup, --train-steps and --video at least 0")
     if args.loader_seconds is not None and not 0 <= args.loader_seconds < 3600:  # also refuses nan and inf

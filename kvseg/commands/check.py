@@ -17,7 +17,8 @@ from kvseg.data.check import check_folder
 from kvseg.errors import DatasetError
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags (the docs' commands are checked against them)."""
     parser = argparse.ArgumentParser(prog="python -m kvseg.check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", help="dataset folder with images/ and masks/")
@@ -25,7 +26,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field, e.g. data.mask_encoding=labels or data.foreground_values=[1,2]")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.set)
     report = check_folder(args.data_dir, cfg.data)
     print("\n".join(report.lines()))

@@ -26,7 +26,8 @@ from kvseg.runs.folder import RunDir, latest_run
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags (the docs' commands are checked against them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run", help="run folder (default: the newest under --runs-dir)")
@@ -42,11 +43,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="dataset folder, when it moved since training")
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check (not recommended)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     run = None
     if args.checkpoint:
         checkpoint = Path(args.checkpoint)

@@ -56,7 +56,8 @@ def video_options(args: argparse.Namespace) -> VideoOptions:
                         save_masks=args.save_masks, caption=args.caption, max_frames=args.max_frames)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags (the docs' commands are checked against them)."""
     parser = argparse.ArgumentParser(prog="python -m kvseg.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -73,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "decompression-bomb limit; 0: no limit)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     add_video_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.max_pixels is not None:
         Image.MAX_IMAGE_PIXELS = args.max_pixels or None
     videos, args.inputs = split_inputs(args.inputs)

@@ -39,7 +39,8 @@ FLAG_FIELDS = {
 }
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags (the docs' commands are checked against them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
     parser.add_argument("--data-dir", help="dataset folder with images/ and masks/ (must exist)")
@@ -60,11 +61,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. train.eval_every=2"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
     config_file = args.config
     if args.resume:
