@@ -72,7 +72,9 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and evaluation schedule."""
 
-    epochs: int = 30
+    epochs: int = 30  # with a budget or a step limit: the most epochs (the budget usually ends training first)
+    budget_minutes: float = 0.0  # training + validation minutes; the schedule runs on the fraction used; 0: off
+    max_steps: int = 0  # optimizer steps (replays a budgeted run's steps on another machine); 0: epochs decide
     batch_size: int = 8  # per process
     optimizer: str = "adam"  # "adam" (the study's) or "adamw" (decoupled weight decay)
     lr: float = 3e-3
@@ -171,8 +173,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' is {value}; expected 0 (off) or a fraction below 1")
     for key, value in {"train.warmup_epochs": cfg.train.warmup_epochs,
                        "train.early_stopping_patience": cfg.train.early_stopping_patience,
+                       "train.budget_minutes": cfg.train.budget_minutes, "train.max_steps": cfg.train.max_steps,
                        "train.keep_every": cfg.train.keep_every}.items():
-        if value < 0:
+        if not value >= 0 or value == float("inf"):  # also refuses NaN
             raise ConfigError(f"config key '{key}' is {value}; expected 0 or more")
     if not 0.0 < cfg.train.threshold < 1.0 or not all(0.0 < t < 1.0 for t in cfg.eval.threshold_grid):
         raise ConfigError("config keys 'train.threshold' and 'eval.threshold_grid' need probabilities between 0 and 1")

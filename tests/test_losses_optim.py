@@ -10,7 +10,7 @@ from kvseg.config import TrainConfig
 from kvseg.evaluation.evaluate import EvalResult
 from kvseg.models.losses import LOSSES, build_loss
 from kvseg.runs.folder import Progress, RunDir
-from kvseg.training.optim import build_ema, build_optimizer, build_scheduler
+from kvseg.training.optim import ProgressSchedule, build_ema, build_optimizer, build_scheduler
 from kvseg.training.saver import CheckpointSaver
 
 BIG = 20.0
@@ -52,12 +52,48 @@ def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
     model = torch.nn.Linear(2, 1)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    rates = []
-    for _ in range(cfg.epochs * steps_per_epoch):
+    rates, total = [], cfg.epochs * steps_per_epoch
+    for step in range(total):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        scheduler.step()
+        scheduler.set_progress((step + 1) / total)  # progress by steps, as kvseg.training.stopping.Control gives it
     return rates
+
+
+def test_progress_schedules_end_annealed_and_onecycle_matches_torch() -> None:
+    model = torch.nn.Linear(2, 1)
+    for kind in ("cosine", "warmup_cosine"):
+        optimizer = build_optimizer(model, TrainConfig(lr=0.1))
+        schedule = ProgressSchedule(optimizer, kind, warmup_steps=3)
+        for progress in (0.1, 0.2, 0.3, 0.55, 0.8, 1.0):
+            schedule.set_progress(progress)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the floor at progress 1
+    # torch's OneCycleLR policy: the same start, peak (within a step: torch counts phases by step index) and end
+    cfg = TrainConfig(scheduler="onecycle", epochs=4, lr=0.1)
+    ours = _lrs(cfg, steps_per_epoch=5)
+    reference_optimizer = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=0.1, total_steps=20)
+    theirs = []
+    for _ in range(20):
+        theirs.append(reference_optimizer.param_groups[0]["lr"])
+        reference_optimizer.step()
+        reference.step()
+    peak = ours.index(max(ours))
+    assert ours[0] == pytest.approx(theirs[0]) and abs(peak - theirs.index(max(theirs))) <= 1
+    assert max(ours) == pytest.approx(0.1, rel=0.02) and ours[:peak] == sorted(ours[:peak])
+    assert ours[peak:] == sorted(ours[peak:], reverse=True)
+    schedule = ProgressSchedule(build_optimizer(torch.nn.Linear(2, 1), cfg), "onecycle")
+    assert 0.1 * schedule.factor(1.0) == pytest.approx(min(theirs), rel=1e-6)
+
+
+def test_schedule_state_continues_the_curve() -> None:
+    optimizer = build_optimizer(torch.nn.Linear(2, 1), TrainConfig(lr=0.1))
+    schedule = ProgressSchedule(optimizer, "warmup_cosine", warmup_steps=2)
+    for progress in (0.1, 0.2, 0.3):
+        schedule.set_progress(progress)
+    resumed = ProgressSchedule(build_optimizer(torch.nn.Linear(2, 1), TrainConfig(lr=0.1)), "warmup_cosine", 2)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.factor(0.6) == schedule.factor(0.6) and resumed.warmup_end == pytest.approx(0.2)
 
 
 def test_warmup_then_cosine() -> None:

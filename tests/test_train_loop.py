@@ -14,6 +14,7 @@ from kvseg.evaluation.evaluate import evaluate, torch_logits
 from kvseg.models.losses import build_loss
 from kvseg.training.factory import prepare_model
 from kvseg.training.optim import build_optimizer, build_scheduler
+from kvseg.training.stopping import Control
 from kvseg.training.train import train_one_epoch
 
 
@@ -35,12 +36,13 @@ def test_loss_falls_and_iou_rises(synthetic_root: Path, accelerator: Accelerator
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders["train"])
     cfg.train.epochs = 14
     scheduler = build_scheduler(optimizer, cfg.train, len(train_loader))  # the run's cosine: the last weights are annealed
+    control = Control(accelerator, total_steps=cfg.train.epochs * len(train_loader))
     untrained = evaluate(torch_logits(model), loaders["test"], loss_fn=loss_fn, loss_name="bce")
     losses = []
     for epoch in range(cfg.train.epochs):
         datasets["train"].set_epoch(epoch)
         stats = train_one_epoch(model, train_loader, optimizer, loss_fn, accelerator, channels_last=False,
-                                scheduler=scheduler)
+                                scheduler=scheduler, control=control)
         assert stats.images == len(split.train) and stats.seconds > 0
         losses.append(stats.loss)
     trained = evaluate(torch_logits(model), loaders["test"], loss_fn=loss_fn, loss_name="bce")

@@ -19,9 +19,11 @@ from collections.abc import Sequence
 
 from kvseg.cli import is_main_rank
 from kvseg.config import load_config
+from kvseg.errors import ConfigError
 from kvseg.evaluation.report import write_report
 from kvseg.runs.folder import open_run
 from kvseg.training.factory import RunOptions
+from kvseg.training.stopping import parse_duration
 from kvseg.training.train import run_training
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="dataset folder with images/ and masks/ (must exist)")
     parser.add_argument("--output-dir", help="where run folders are created (default runs/)")
     parser.add_argument("--run-name", help="run folder name (default: a time stamp)")
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=int, help="epochs to train (with --budget: the most epochs)")
+    parser.add_argument("--budget", metavar="DURATION",
+                        help="training + validation time, e.g. 30m, 1.5h, 90s (train.budget_minutes): the learning-rate "
+                             "schedule runs on the fraction of it used, and training stops when it is spent")
     parser.add_argument("--batch-size", type=int, help="per process")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -67,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
+    if args.budget is not None:
+        try:
+            overrides.append(f"train.budget_minutes={parse_duration(args.budget)}")
+        except ValueError as exc:
+            raise ConfigError(f"--budget: {exc}") from None
     config_file = args.config
     if args.resume:
         config_file = open_run(args.resume).config

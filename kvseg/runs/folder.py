@@ -52,6 +52,8 @@ class Progress:
     best_score: float | None = None
     best_epoch: int | None = None
     stopped_early: bool = False
+    stop_reason: str | None = None  # "budget", "steps" or a stop request, when training ended before its epochs
+    control: dict = field(default_factory=dict)  # optimizer steps done and budget seconds spent (kvseg.training.stopping)
 
 
 class RunDir:

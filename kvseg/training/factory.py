@@ -32,7 +32,7 @@ from kvseg.models.losses import build_loss
 from kvseg.models.unet import build_model
 from kvseg.runs.folder import Progress, RunDir, create_run, open_run
 from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
-from kvseg.training.optim import build_ema, build_optimizer, build_scheduler
+from kvseg.training.optim import ProgressSchedule, build_ema, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Training:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: ProgressSchedule
     ema: AveragedModel | None
     loss_fn: torch.nn.Module
     datasets: dict[str, SegmentationDataset]

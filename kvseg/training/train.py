@@ -30,7 +30,9 @@ from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
 from kvseg.training.distributed import check_process_group
 from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
+from kvseg.training.optim import ProgressSchedule
 from kvseg.training.saver import CheckpointSaver
+from kvseg.training.stopping import Control
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +43,28 @@ class NonFiniteLossError(KvsegError):
 
 @dataclass
 class EpochStats:
-    """One epoch of training: mean loss over all samples on all processes, wall seconds, images, learning rate."""
+    """One epoch of training: mean loss over all samples on all processes, wall seconds, images, learning rate.
+
+    ``steps`` counts this process's optimizer steps; ``stopped`` is True when a :class:`Control` ended
+    the epoch before its last batch.
+    """
 
     loss: float
     seconds: float
     images: int
     lr: float
+    steps: int = 0
+    stopped: bool = False
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
-    def line(self, epoch: int, epochs: int) -> str:
-        return (f"Epoch [{epoch}/{epochs}], Average Loss: {self.loss:.4f}, "
-                f"time {self.seconds:.1f}s, {self.images_per_s:.1f} images/s")
+    def line(self, epoch: int, epochs: int | None, progress: float | None = None) -> str:
+        """``Epoch [3/30], Average Loss: ...`` (the study's format); with ``progress``, ``Epoch [3], ... progress 41.2%``."""
+        of = f"/{epochs}" if epochs is not None and progress is None else ""
+        return (f"Epoch [{epoch}{of}], Average Loss: {self.loss:.4f}, time {self.seconds:.1f}s, "
+                f"{self.images_per_s:.1f} images/s" + (f", progress {progress:.1%}" if progress is not None else ""))
 
 
 PHASES = ("data wait", "forward", "backward", "optimizer")
@@ -99,18 +109,21 @@ def train_one_epoch(
     channels_last: bool,
     description: str = "training",
     max_steps: int | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scheduler: ProgressSchedule | None = None,
     ema: AveragedModel | None = None,
     timer: PhaseTimer | None = None,
+    control: Control | None = None,
 ) -> EpochStats:
-    """One pass over ``loader`` (or its first ``max_steps`` batches).
+    """One pass over ``loader`` (or its first ``max_steps`` batches), or until ``control`` says stop.
 
-    ``scheduler`` and ``ema`` step after every optimizer step (not every micro-batch under gradient
-    accumulation). The returned loss is averaged over all samples on all processes; ``lr`` is the
-    learning rate of the epoch's last step. ``timer`` splits each step into :data:`PHASES`.
+    After every optimizer step (not every micro-batch under gradient accumulation) ``control`` counts
+    the step and says how far the run is and whether every process stops here; ``scheduler`` then
+    sets the learning rate for that progress and ``ema`` averages the weights. The returned loss is
+    averaged over all samples on all processes; ``lr`` is the learning rate of the epoch's last step.
+    ``timer`` splits each step into :data:`PHASES`.
     """
     model.train()
-    start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+    start, lr, optimizer_steps, stopped = time.perf_counter(), optimizer.param_groups[0]["lr"], 0, False
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
@@ -143,9 +156,10 @@ def train_one_epoch(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
-                lr = optimizer.param_groups[0]["lr"]
+                lr, optimizer_steps = optimizer.param_groups[0]["lr"], optimizer_steps + 1
+                stopped = control is not None and control.after_step()
                 if scheduler is not None:
-                    scheduler.step()
+                    scheduler.set_progress(control.progress if control is not None else 0.0)
                 if ema is not None:
                     ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
             loss_sum += loss.detach().double() * len(images)
@@ -155,15 +169,10 @@ def train_one_epoch(
             progress.advance(task)
             if timer is not None:
                 timer.mark("optimizer")
+            if stopped:
+                break
     loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
-    return EpochStats(float(loss_sum / count), time.perf_counter() - start, int(count), lr)
-
-
-# ---------------------------------------------------------------------------------------------
-# Set-up of a run
-
-
-
+    return EpochStats(float(loss_sum / count), time.perf_counter() - start, int(count), lr, optimizer_steps, stopped)
 
 
 def check_finite(stats: EpochStats, epoch: int, run: RunDir, progress: RunProgress) -> None:
@@ -183,9 +192,6 @@ def history_record(epoch: int, stats: EpochStats, result: EvalResult | None, bes
             "best": best, "seconds": stats.seconds, "images_per_s": stats.images_per_s, "lr": stats.lr}
 
 
-
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -203,36 +209,68 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
                             cfg.train.keep_every)
     score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
                     gather=accelerator.gather_for_metrics)
-    for epoch in range(progress.epoch + 1, cfg.train.epochs + 1 if not progress.stopped_early else 0):
-        run_epoch(epoch, cfg, training, score, saver, accelerator)
+    control = build_control(cfg, training, accelerator, progress)
+    epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
+    epoch = progress.epoch
+    with control.clock.running():  # the budget counts training and validation, not start-up or the final evaluation
+        while not (progress.stopped_early or progress.stop_reason or control.progress >= 1.0
+                   or (epochs is not None and epoch >= epochs)):
+            epoch += 1
+            run_epoch(epoch, cfg, training, score, saver, accelerator, control)
         if progress.stopped_early:
             logger.info(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
-                              f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
-            break
-    finish_run(cfg, training, score, saver, accelerator)
+                        f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
+    if progress.stop_reason in ("budget", "steps"):
+        used = control.clock.seconds / 60
+        logger.info(f"Stopped after {control.steps} steps in {progress.epoch} epoch(s): "
+                    + (f"budget of {cfg.train.budget_minutes:.3g} min spent ({used:.2f} min)" if progress.stop_reason
+                       == "budget" else f"step limit {control.total_steps} reached ({used:.2f} min)"))
+    finish_run(cfg, training, score, saver, accelerator, control)
     accelerator.end_training()
     return run.path
 
 
-def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator) -> None:
-    """Train one epoch, validate when due, write the checkpoints, history and training state of ``epoch``."""
+def build_control(cfg: Config, training: Training, accelerator: Accelerator, progress: RunProgress) -> Control:
+    """The run's stop rule and progress: ``train.max_steps`` or the epochs' steps, and ``train.budget_minutes``.
+
+    A resumed run continues from the steps and budget seconds its progress recorded.
+    """
+    steps_per_epoch = math.ceil(len(training.loaders["train"]) / cfg.train.grad_accum_steps)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    budget = 60.0 * cfg.train.budget_minutes if cfg.train.budget_minutes > 0 else None
+    return Control(accelerator, total, budget, steps=progress.control.get("steps", 0),
+                   seconds_used=progress.control.get("seconds_used", 0.0))
+
+
+def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
+              control: Control) -> None:
+    """Train one epoch (or until ``control`` stops it), validate when due, write the checkpoints, history
+    and training state of ``epoch``. The last epoch, stopped or not, is always validated."""
     run, progress, epochs = saver.run, saver.progress, cfg.train.epochs
     training.loaders["train"].set_epoch(epoch)
     training.datasets["train"].set_epoch(epoch)
+    of = f"/{epochs}" if not cfg.train.max_steps and not cfg.train.budget_minutes else ""
     stats = train_one_epoch(training.model, training.loaders["train"], training.optimizer, training.loss_fn, accelerator,
-                            cfg.train.channels_last, f"epoch {epoch}/{epochs}", scheduler=training.scheduler,
-                            ema=training.ema)
+                            cfg.train.channels_last, f"epoch {epoch}{of}", scheduler=training.scheduler,
+                            ema=training.ema, control=control)
     check_finite(stats, epoch, run, progress)
-    logger.info(stats.line(epoch, epochs))
-    due = "val" in training.loaders and (epoch == epochs or epoch % cfg.train.eval_every == 0)
+    logger.info(stats.line(epoch, epochs, control.progress if not of else None))
+    last = control.stopped or (not cfg.train.max_steps and epoch == epochs)
+    due = "val" in training.loaders and (last or epoch % cfg.train.eval_every == 0)
     started = time.perf_counter()
     result = score(training.logits, training.loaders["val"]) if due else None
     validation_seconds = time.perf_counter() - started
+    if due:
+        control.reserve = validation_seconds  # the final validation must fit in the budget too
     progress.epoch = epoch
+    progress.stop_reason = control.reason
+    progress.control = control.state()
     best = saver.save(training.weights, cfg, epoch, result, write=accelerator.is_main_process)
     if result is not None:
         logger.info(f"Validation {result.line()}{' (best so far)' if best else ''}")
-    progress.history.append({**history_record(epoch, stats, result, best), "val_seconds": validation_seconds})
+    progress.history.append({**history_record(epoch, stats, result, best), "val_seconds": validation_seconds,
+                             "steps": control.steps, "progress": control.progress,
+                             "budget_seconds_used": control.clock.seconds})
     accelerator.log({k: v for k, v in progress.history[-1].items() if isinstance(v, float)}, step=epoch)
     progress.stopped_early = not saver.patience_left(cfg.train.early_stopping_patience, cfg.train.eval_every)
     if accelerator.is_main_process:
@@ -240,7 +278,8 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     run.save_state(accelerator, progress)
 
 
-def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator) -> None:
+def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
+               control: Control) -> None:
     """Load the selected weights, tune the threshold on validation (optional), then score the test split once.
 
     Writes metrics.json and per_image.csv (the figures and index.html are :mod:`kvseg.evaluation.report`'s,
@@ -267,6 +306,8 @@ def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, a
     logger.info(f"Test {results['test'].line()}")
     metrics = {"epoch": selection["epoch"], "epochs_trained": saver.progress.epoch,
                "stopped_early": saver.progress.stopped_early, "selection": selection,
+               "training": {"steps": control.steps, "epochs": saver.progress.epoch, "stop_reason": saver.progress.stop_reason,
+                            "budget_minutes": cfg.train.budget_minutes or None, "minutes_used": control.clock.seconds / 60},
                "threshold": {"value": threshold, "tuned_on": "validation" if tuning else None, **(tuning or {})},
                **{("validation" if name == "val" else name): _without_rows(result) for name, result in results.items()}}
     if cfg.eval.tta:
