@@ -60,15 +60,17 @@ class Control:
         budget_seconds: the time budget, or None for none.
         steps: optimizer steps already done (a resumed run).
         seconds_used: budget seconds already spent (a resumed run keeps the remainder).
+        step_limit: what the step limit is called in :attr:`reason` when it ends training (``epochs`` or ``max_steps``).
     """
 
     def __init__(self, accelerator: Accelerator, total_steps: int, budget_seconds: float | None = None,
-                 steps: int = 0, seconds_used: float = 0.0) -> None:
+                 steps: int = 0, seconds_used: float = 0.0, step_limit: str = "epochs") -> None:
         self.accelerator, self.total_steps, self.budget_seconds = accelerator, max(1, total_steps), budget_seconds
+        self.step_limit = step_limit
         self.steps, self.clock = steps, Clock(seconds_used)
         self.reserve = 0.0  # seconds of the last validation, kept for the final one
         self.requested: str | None = None  # a stop asked for on this process (set from a signal handler)
-        self.reason: str | None = None  # why training stopped: "steps", "budget" or what was requested
+        self.reason: str | None = None  # why training stopped: the step limit's name, "budget" or what was requested
         self.progress = self._local_progress(self._time_fraction())
 
     def _time_fraction(self) -> float:
@@ -95,7 +97,7 @@ class Control:
         if votes:
             self.reason = self.requested or "requested"
         elif self.steps >= self.total_steps:
-            self.reason = "steps"
+            self.reason = self.step_limit
         elif self.budget_seconds is not None and time_fraction >= 1.0:
             self.reason = "budget"
         return self.reason is not None

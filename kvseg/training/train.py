@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
@@ -213,18 +213,18 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
     epoch = progress.epoch
     with control.clock.running():  # the budget counts training and validation, not start-up or the final evaluation
-        while not (progress.stopped_early or progress.stop_reason or control.progress >= 1.0
-                   or (epochs is not None and epoch >= epochs)):
+        while not (progress.stopped_early or control.progress >= 1.0 or (epochs is not None and epoch >= epochs)):
             epoch += 1
             run_epoch(epoch, cfg, training, score, saver, accelerator, control)
         if progress.stopped_early:
             logger.info(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
                         f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
-    if progress.stop_reason in ("budget", "steps"):
+    agree_on_steps(control, accelerator)
+    if progress.stop_reason in ("budget", "max_steps"):
         used = control.clock.seconds / 60
         logger.info(f"Stopped after {control.steps} steps in {progress.epoch} epoch(s): "
                     + (f"budget of {cfg.train.budget_minutes:.3g} min spent ({used:.2f} min)" if progress.stop_reason
-                       == "budget" else f"step limit {control.total_steps} reached ({used:.2f} min)"))
+                       == "budget" else f"train.max_steps {control.total_steps} reached ({used:.2f} min)"))
     finish_run(cfg, training, score, saver, accelerator, control)
     accelerator.end_training()
     return run.path
@@ -239,7 +239,21 @@ def build_control(cfg: Config, training: Training, accelerator: Accelerator, pro
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     budget = 60.0 * cfg.train.budget_minutes if cfg.train.budget_minutes > 0 else None
     return Control(accelerator, total, budget, steps=progress.control.get("steps", 0),
-                   seconds_used=progress.control.get("seconds_used", 0.0))
+                   seconds_used=progress.control.get("seconds_used", 0.0),
+                   step_limit="max_steps" if cfg.train.max_steps else "epochs")
+
+
+def agree_on_steps(control: Control, accelerator: Accelerator) -> None:
+    """Check that every process stopped after the same optimizer step (they decide together; see :class:`Control`).
+
+    Raises:
+        RuntimeError: the processes' step counts differ, naming them.
+    """
+    if accelerator.num_processes == 1:
+        return
+    steps = gather_object([control.steps])
+    if len(set(steps)) > 1:
+        raise RuntimeError(f"processes stopped after different steps: {', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))}")
 
 
 def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
@@ -253,6 +267,7 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     stats = train_one_epoch(training.model, training.loaders["train"], training.optimizer, training.loss_fn, accelerator,
                             cfg.train.channels_last, f"epoch {epoch}{of}", scheduler=training.scheduler,
                             ema=training.ema, control=control)
+    tail_started = time.perf_counter()
     check_finite(stats, epoch, run, progress)
     logger.info(stats.line(epoch, epochs, control.progress if not of else None))
     last = control.stopped or (not cfg.train.max_steps and epoch == epochs)
@@ -260,8 +275,6 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     started = time.perf_counter()
     result = score(training.logits, training.loaders["val"]) if due else None
     validation_seconds = time.perf_counter() - started
-    if due:
-        control.reserve = validation_seconds  # the final validation must fit in the budget too
     progress.epoch = epoch
     progress.stop_reason = control.reason
     progress.control = control.state()
@@ -276,6 +289,8 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     if accelerator.is_main_process:
         run.write_history(progress.history)
     run.save_state(accelerator, progress)
+    if due:  # what the last epoch adds after its last step (validation, checkpoints, state): the budget keeps it in reserve
+        control.reserve = time.perf_counter() - tail_started
 
 
 def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
