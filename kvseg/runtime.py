@@ -61,11 +61,54 @@ def resolve_mixed_precision(requested: str) -> str:
     return launcher
 
 
+OPENMP_BINDING = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
+CGROUP_CPUSETS = ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/fs/cgroup/cpuset/cpuset.effective_cpus")
+
+
+def _cpu_list(text: str) -> set[int]:
+    """``0-3,6`` -> {0, 1, 2, 3, 6} (the kernel's CPU list format)."""
+    cores: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        low, _, high = part.partition("-")
+        cores.update(range(int(low), int(high or low) + 1))
+    return cores
+
+
+def process_cores() -> set[int]:
+    """The CPU cores this process may run on, whatever an OpenMP binding did to the main thread.
+
+    The affinity read when kvseg was imported (:data:`kvseg.START_AFFINITY`, before torch pinned the
+    main thread); else, under an OpenMP binding variable, the container's cpuset (cgroup v2 or v1), or
+    every core; else the main thread's affinity mask.
+    """
+    if kvseg.START_AFFINITY:
+        return set(kvseg.START_AFFINITY)
+    bound = any(os.environ.get(name) for name in OPENMP_BINDING)
+    if hasattr(os, "sched_getaffinity") and not bound:
+        return set(os.sched_getaffinity(0))
+    for path in CGROUP_CPUSETS:
+        with contextlib.suppress(OSError, ValueError):
+            cores = _cpu_list(Path(path).read_text())
+            if cores:
+                return cores
+    return set(range(os.cpu_count() or 1))
+
+
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    """How many CPU cores this process may run on (:func:`process_cores`), at least 1.
+
+    An OpenMP binding (``OMP_PROC_BIND=close OMP_PLACES=cores``) pins the main thread to one core when
+    torch starts; reading the main thread's mask then gave one core, and training ran on one thread
+    (0.54x on a 2-core machine). The binding no longer changes the count.
+    """
+    return max(1, len(process_cores()))
+
+
+def unpin_worker(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the DataLoaders: a worker forked from a pinned main thread runs on every usable core."""
+    if hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, process_cores())
 
 
 def cpu_threads_per_process(requested: int) -> int:
