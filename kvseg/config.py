@@ -35,6 +35,7 @@ class DataConfig:
     foreground_values: list[int] = field(default_factory=list)  # labels/palette: instrument values; []: any non-zero
     test_fraction: float = 0.2  # used only when the folder has no train.txt / test.txt
     val_fraction: float = 0.15  # of the training ids, drawn by split_seed, when the folder has no val.txt; 0: none
+    val_min_images: int = 50  # validation gets at least this many where the training ids number 4x as many; 0: off
     split_seed: int = 0
     cache: str = "disk"  # decoded, resized pairs: "disk" (kept across runs, kvseg.data.preprocessed), "memory" (one run), "off"
     cache_dir: str = ""  # where "disk" keeps them; empty: $KVSEG_CACHE_DIR, else ~/.cache/kvseg (never the data folder)
@@ -173,6 +174,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' is {value}; expected 0 (off) or a fraction below 1")
     for key, value in {"train.warmup_epochs": cfg.train.warmup_epochs,
                        "train.early_stopping_patience": cfg.train.early_stopping_patience,
+                       "data.val_min_images": cfg.data.val_min_images,
                        "train.budget_minutes": cfg.train.budget_minutes, "train.max_steps": cfg.train.max_steps,
                        "train.keep_every": cfg.train.keep_every}.items():
         if not value >= 0 or value == float("inf"):  # also refuses NaN

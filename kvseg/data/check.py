@@ -221,7 +221,8 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
     split, split_line = None, ""
     present = [name for name in SPLIT_FILES if (scan.root / name).is_file()]
     try:
-        split = resolve_split(scan.root, scan.samples, data.split_seed, data.test_fraction, data.val_fraction)
+        split = resolve_split(scan.root, scan.samples, data.split_seed, data.test_fraction, data.val_fraction,
+                              data.val_min_images)
         counts = f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} test"
         split_line = (f"{', '.join(present)}: {counts}, from {split.source}; every id found, none in two splits"
                       if present else

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from kvseg.evaluation.metrics import ConfusionMatrix, Scores, SegmentationMetrics, logit_of, scores_from_counts
 from kvseg.evaluation.tta import with_tta
+from kvseg.evaluation.uncertainty import bootstrap_interval
 
 
 class LogitsFn(Protocol):
@@ -111,6 +112,7 @@ class EvalResult:
     transforms: list[str] = field(default_factory=list)  # test-time augmentation; [] for plain
     undefined: dict[str, str] = field(default_factory=dict)
     agreement: Agreement | None = None  # against the reference logits function, when one was given
+    dice_ci95: list[float] | None = None  # 95% bootstrap interval of the per-image Dice (kvseg.evaluation.uncertainty)
 
     @property
     def num_images(self) -> int:
@@ -236,6 +238,7 @@ def _result(metrics: SegmentationMetrics, ids: list[str], loss_name: str | None,
         transforms=transforms,
         undefined=undefined,
         agreement=agreement,
+        dice_ci95=list(interval) if (interval := bootstrap_interval(per_image["dice"])) else None,
     )
 
 

@@ -235,7 +235,8 @@ class RunDir:
         """The split this run used: its saved split files (else resolved from the data folder as training would)."""
         root = Path(data_dir or cfg.data.root)
         folder = self.path if (self.path / "test.txt").is_file() else root
-        return resolve_split(folder, find_samples(root), cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
+        return resolve_split(folder, find_samples(root), cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction,
+                             cfg.data.val_min_images)
 
 
 def blocking_file(path: Path) -> Path | None:

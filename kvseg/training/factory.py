@@ -172,7 +172,7 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
         if cfg.data.cache == "disk":
             resolve_cache_dir(cfg.data.cache_dir, cfg.data.root)  # a cache in the data folder stops here, before the run folder
         split = resolve_split(cfg.data.root, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction,
-                              cfg.data.val_fraction)
+                              cfg.data.val_fraction, cfg.data.val_min_images)
         run, state, progress = create_run(cfg.output_dir, cfg.run_name, accelerator), None, Progress()
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))

@@ -11,25 +11,25 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from kvseg.config import Config
 from kvseg.errors import KvsegError
-from kvseg.evaluation.evaluate import EvalResult, evaluate, tune_threshold
-from kvseg.runs.checkpoint import load_model_checkpoint, set_threshold
+from kvseg.evaluation.evaluate import EvalResult, evaluate
 from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
 from kvseg.training.distributed import check_process_group
 from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
+from kvseg.training.finish import finish_run
 from kvseg.training.optim import ProgressSchedule
 from kvseg.training.saver import CheckpointSaver
 from kvseg.training.stopping import Control
@@ -189,7 +189,8 @@ def history_record(epoch: int, stats: EpochStats, result: EvalResult | None, bes
     """One row of history.json (validation scores where the epoch was evaluated)."""
     return {"epoch": epoch, "train_loss": stats.loss, "val_loss": result.loss if result else None,
             "val_iou": result.per_image.iou if result else None, "val_dice": result.per_image.dice if result else None,
-            "best": best, "seconds": stats.seconds, "images_per_s": stats.images_per_s, "lr": stats.lr}
+            "val_dice_ci95": result.dice_ci95 if result else None, "best": best, "seconds": stats.seconds,
+            "images_per_s": stats.images_per_s, "lr": stats.lr}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,51 +292,3 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     run.save_state(accelerator, progress)
     if due:  # what the last epoch adds after its last step (validation, checkpoints, state): the budget keeps it in reserve
         control.reserve = time.perf_counter() - tail_started
-
-
-def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
-               control: Control) -> None:
-    """Load the selected weights, tune the threshold on validation (optional), then score the test split once.
-
-    Writes metrics.json and per_image.csv (the figures and index.html are :mod:`kvseg.evaluation.report`'s,
-    written by the command after training). The test split is evaluated here and nowhere
-    else, with the weights and threshold that validation chose.
-    """
-    run, loaders, scored = saver.run, training.loaders, training.logits
-    accelerator.wait_for_everyone()
-    selected = [load_model_checkpoint(run.best)["model"] if accelerator.is_main_process else None]
-    broadcast_object_list(selected)  # other machines may not see the main machine's files
-    training.weights.load_state_dict(selected[0])
-    threshold, tuning = cfg.train.threshold, None
-    if cfg.eval.tune_threshold and "val" in loaders:
-        choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, gather=accelerator.gather_for_metrics)
-        threshold, tuning = choice.value, asdict(choice)
-        logger.info(f"Threshold {threshold} (tuned on validation: per-image Dice {max(choice.dice):.4f})")
-        if accelerator.is_main_process:
-            set_threshold(run.best, threshold, tuning)
-    selection = saver.selection()
-    logger.info(f"Selected epoch {selection['epoch']}"
-                      + (f" (validation {selection['metric']} {selection['score']:.4f})" if selection["split"] else
-                         " (no validation split: the last epoch)"))
-    results = {name: score(scored, loaders[name], threshold=threshold) for name in ("val", "test") if name in loaders}
-    logger.info(f"Test {results['test'].line()}")
-    metrics = {"epoch": selection["epoch"], "epochs_trained": saver.progress.epoch,
-               "stopped_early": saver.progress.stopped_early, "selection": selection,
-               "training": {"steps": control.steps, "epochs": saver.progress.epoch, "stop_reason": saver.progress.stop_reason,
-                            "budget_minutes": cfg.train.budget_minutes or None, "minutes_used": control.clock.seconds / 60},
-               "threshold": {"value": threshold, "tuned_on": "validation" if tuning else None, **(tuning or {})},
-               **{("validation" if name == "val" else name): _without_rows(result) for name, result in results.items()}}
-    if cfg.eval.tta:
-        tta = score(scored, loaders["test"], threshold=threshold, tta=cfg.eval.tta)
-        logger.info(f"With TTA ({len(cfg.eval.tta)} transforms): Test {tta.line()}")
-        metrics["test_tta"] = _without_rows(tta)
-    if accelerator.is_main_process:
-        run.write_metrics(metrics)
-        run.write_per_image([{**asdict(row), "split": "validation" if name == "val" else name}
-                             for name, result in results.items() for row in result.images])
-    accelerator.log({f"test_{k}": v for k, v in asdict(results["test"].per_image).items()}, step=saver.progress.epoch)
-
-
-def _without_rows(result: EvalResult) -> dict:
-    """An evaluation for metrics.json: its per-image rows go to per_image.csv instead."""
-    return {k: v for k, v in result.to_json().items() if k != "images"}
