@@ -6,6 +6,7 @@
     kvseg predict --onnx MODEL INPUTS --out DIR
     kvseg check DATA_DIR
     kvseg report RUN_DIR
+    kvseg plan DATA_DIR [--budget 30m] [--out plan.yaml]
 
 Several processes: ``accelerate launch [--config_file FILE] -m kvseg train ...``.
 ``kvseg COMMAND --help`` lists a command's flags.
@@ -26,6 +27,7 @@ COMMANDS = {
     "predict": ("kvseg.commands.predict", "segment images and videos with a run or an ONNX model"),
     "check": ("kvseg.commands.check", "read every pair of a dataset folder and say what is there"),
     "report": ("kvseg.commands.report", "write a run's figures and index.html again"),
+    "plan": ("kvseg.commands.plan", "plan a run for a folder, this machine and a time budget"),
 }
 
 

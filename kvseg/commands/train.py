@@ -15,18 +15,42 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 
 from kvseg.cli import is_main_rank
+from kvseg.commands.plan import budget_of, plan_folder
 from kvseg.config import load_config
 from kvseg.errors import ConfigError
 from kvseg.evaluation.report import write_report
+from kvseg.planning.planner import Plan
 from kvseg.runs.folder import open_run
 from kvseg.training.factory import RunOptions
 from kvseg.training.stopping import parse_duration
 from kvseg.training.train import run_training
 
 logger = logging.getLogger(__name__)
+
+
+def planned(args: argparse.Namespace, precision: str) -> tuple[Plan, str]:
+    """The plan of ``--plan auto`` for ``--data-dir`` and ``--budget``, and the mixed precision to train in.
+
+    Raises:
+        ConfigError: several processes were launched (each would probe on its own and plan apart), or no
+            ``--data-dir`` was given.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--plan auto probes this machine in one process; with several, run python -m kvseg.plan "
+                          "DATA_DIR --budget ... --out plan.yaml first, then --plan plan.yaml")
+    if args.data_dir is None:
+        raise ConfigError("--plan auto plans for a folder: pass --data-dir")
+    data = load_config(args.config, args.set).data
+    plan = plan_folder(args.data_dir, budget_of(args.budget), data)
+    for line in plan.to_yaml().splitlines():
+        logger.info(line)
+    if precision == "auto" and plan.probe.device == "cpu" and plan.probe.native_bf16 and plan.probe.precision == "no":
+        precision = "no"  # the probe found fp32 faster than the bf16 that auto would pick
+    return plan, precision
 
 FLAG_FIELDS = {
     "data_dir": "data.root",
@@ -57,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--num-workers", type=int, help="DataLoader worker processes per training process")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--plan", metavar="auto|FILE",
+                        help="auto: plan the run for --data-dir, this machine and --budget first (python -m kvseg.plan, "
+                             "about 30 s of probing); FILE: a plan written by python -m kvseg.plan")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last completed epoch")
     parser.add_argument(
         "--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
@@ -77,11 +104,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             overrides.append(f"train.budget_minutes={parse_duration(args.budget)}")
         except ValueError as exc:
             raise ConfigError(f"--budget: {exc}") from None
-    config_file = args.config
+    config_file, plan_text, precision = args.config, None, args.mixed_precision
+    if args.plan and (args.config or args.resume):
+        raise ConfigError("--plan writes the config of a new run; pass it without --config and --resume")
     if args.resume:
         config_file = open_run(args.resume).config
+    elif args.plan == "auto":
+        plan, precision = planned(args, precision)
+        plan_text, overrides = plan.to_yaml(), plan.overrides + overrides
+    elif args.plan:
+        config_file = args.plan
     cfg = load_config(config_file, overrides + args.set)
-    options = RunOptions(data_dir_given=args.data_dir is not None, resume=args.resume, mixed_precision=args.mixed_precision)
+    options = RunOptions(data_dir_given=args.data_dir is not None, resume=args.resume, mixed_precision=precision,
+                         plan=plan_text)
     run = run_training(cfg, options)
     if is_main_rank():
         write_report(run)

@@ -44,6 +44,7 @@ class RunOptions:
     data_dir_given: bool = False  # an explicit data dir must exist: no fall-back to synthetic data
     resume: str | None = None
     mixed_precision: str = "auto"  # "auto", "no", "fp16" or "bf16"
+    plan: str | None = None  # the plan's YAML (with its reasons) when --plan auto made the config
 
 
 @dataclass
@@ -184,7 +185,7 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
         f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
     if run.keeps_copy(accelerator) and state is None:
-        run.write_start(cfg, split, environment(accelerator))
+        run.write_start(cfg, split, environment(accelerator), plan=options.plan)
     start_trackers(accelerator, cfg, run)
     return run, split, progress, state
 
