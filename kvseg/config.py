@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """The study's augmentations: random rotation, flips and transpose."""
+    """The study's augmentations (random rotation, flips and transpose), and optional photometric and scale ones."""
 
     rotate_limit: float = 30.0  # degrees, uniform in [-limit, limit]
     rotate_p: float = 0.5
@@ -56,6 +56,13 @@ class AugmentConfig:
     hflip_p: float = 0.5
     vflip_p: float = 0.5
     transpose_p: float = 0.5
+    # Beyond the study's geometry: photometric changes and scale, each off at 0 (albumentations' own transforms)
+    scale_limit: float = 0.0  # zoom in or out by up to this fraction (Affine scale 1 +- limit), with scale_p
+    scale_p: float = 0.0
+    brightness_contrast_p: float = 0.0  # RandomBrightnessContrast, +-0.2 each
+    hue_saturation_p: float = 0.0  # HueSaturationValue: hue +-10, saturation +-20, value +-10 (of 180/255)
+    blur_p: float = 0.0  # GaussianBlur, kernel 3-7 px
+    jpeg_p: float = 0.0  # ImageCompression (JPEG), quality 50-95
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -209,6 +216,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.tta' has {', '.join(unknown)}; expected some of {', '.join(TTA_TRANSFORMS)}")
     if not cfg.data.class_name.strip():
         raise ConfigError("config key 'data.class_name' is empty; expected the foreground's name, e.g. instrument or polyp")
+    for name, value in vars(cfg.augment).items():
+        if name.endswith("_p") and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key 'augment.{name}' is {value}; expected a probability from 0 to 1")
+    if not 0.0 <= cfg.augment.scale_limit < 1.0:
+        raise ConfigError(f"config key 'augment.scale_limit' is {cfg.augment.scale_limit}; expected 0 to below 1")
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3:
         raise ConfigError("config keys 'augment.mean' and 'augment.std' need three values (R, G, B)")
     if min(cfg.augment.std) <= 0:
