@@ -80,8 +80,8 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and evaluation schedule."""
 
-    epochs: int = 30  # with a budget or a step limit: the most epochs (the budget usually ends training first)
-    budget_minutes: float = 0.0  # training + validation minutes; the schedule runs on the fraction used; 0: off
+    epochs: int = 100  # with a budget or a step limit: the most epochs (the budget usually ends training first)
+    budget_minutes: float = 4.0  # training + validation minutes; the schedule runs on the fraction used; 0: off
     max_steps: int = 0  # optimizer steps (replays a budgeted run's steps on another machine); 0: epochs decide
     batch_size: int = 8  # per process
     optimizer: str = "adam"  # "adam" (the study's) or "adamw" (decoupled weight decay)

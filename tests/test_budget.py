@@ -41,9 +41,9 @@ def test_a_budget_stops_the_run_when_spent_with_the_learning_rate_at_the_floor(s
     training = metrics["training"]
     assert training["stop_reason"] == "budget" and training["epochs"] == len(history) < 1000
     used = training["minutes_used"] * 60
-    assert 12.0 <= used <= 12.0 + _slack(history)
+    assert abs(used - 12.0) <= _slack(history)  # stopped early by the reserve kept for the last validation, or late by a step
     assert history[-1]["progress"] == pytest.approx(1.0) and history[-1]["steps"] == training["steps"]
-    assert history[-1]["lr"] < 0.02 * max(row["lr"] for row in history)  # the last step ran near the cosine floor
+    assert training["final_lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine floor, at the end of the budget
     lrs = [row["lr"] for row in history]
     assert lrs[1:] == sorted(lrs[1:], reverse=True)  # after warm-up, down to the end of the budget
 

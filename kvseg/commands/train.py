@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="dataset folder with images/ and masks/ (must exist)")
     parser.add_argument("--output-dir", help="where run folders are created (default runs/)")
     parser.add_argument("--run-name", help="run folder name (default: a time stamp)")
-    parser.add_argument("--epochs", type=int, help="epochs to train (with --budget: the most epochs)")
+    parser.add_argument("--epochs", type=int, help="epochs to train; alone it turns the default budget off (with "
+                                                   "--budget: the most epochs)")
     parser.add_argument("--budget", metavar="DURATION",
                         help="training + validation time, e.g. 30m, 1.5h, 90s (train.budget_minutes): the learning-rate "
                              "schedule runs on the fraction of it used, and training stops when it is spent")
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
+    if args.epochs is not None and args.budget is None and not args.resume:
+        overrides.append("train.budget_minutes=0")  # --epochs N alone: N epochs, however long they take
     if args.budget is not None:
         try:
             overrides.append(f"train.budget_minutes={parse_duration(args.budget)}")

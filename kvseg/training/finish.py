@@ -48,7 +48,8 @@ def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, a
     metrics = {"epoch": selection["epoch"], "epochs_trained": saver.progress.epoch,
                "stopped_early": saver.progress.stopped_early, "selection": selection,
                "training": {"steps": control.steps, "epochs": saver.progress.epoch, "stop_reason": saver.progress.stop_reason,
-                            "budget_minutes": cfg.train.budget_minutes or None, "minutes_used": control.clock.seconds / 60},
+                            "budget_minutes": cfg.train.budget_minutes or None, "minutes_used": control.clock.seconds / 60,
+                            "final_lr": training.optimizer.param_groups[0]["lr"]},
                "threshold": {"value": threshold, "tuned_on": "validation" if tuning else None, **(tuning or {})},
                **{("validation" if name == "val" else name): _without_rows(result) for name, result in results.items()}}
     if cfg.eval.tta:
