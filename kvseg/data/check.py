@@ -8,7 +8,8 @@ over and why; image sizes and modes; the mask encoding decided and the value set
 instrument fraction (min / median / max) and the ids of empty masks; every image/mask size
 mismatch; duplicate images (same decoded pixels under two ids); the split files and their status.
 Exit status 0 when the folder can be trained on, 2 when it cannot. Training prints the same
-summary, shorter, before epoch 1 (:func:`check_training_data`).
+summary, shorter, before epoch 1 (:func:`kvseg.data.prepare.prepare_training_data`), from a record of
+the pairs kept beside the disk cache when the files have not changed since.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,10 +165,13 @@ class FolderReport:
                 + more + f" (python -m kvseg.check {self.root} lists them all)")
 
 
-def check_folder(root: str | Path, data: DataConfig | None = None, workers: int | None = None) -> FolderReport:
+def check_folder(root: str | Path, data: DataConfig | None = None, workers: int | None = None,
+                 read: Callable[[FolderScan], list[PairRecord]] | None = None) -> FolderReport:
     """Read every pair under ``root`` and report on it (see the module docstring).
 
     ``data`` gives the mask encoding settings and the seeded split (defaults: :class:`DataConfig`).
+    ``read`` gives the :class:`PairRecord` of every pair of the scan, in order, instead of decoding
+    them (:mod:`kvseg.data.prepare` keeps them from an earlier check of the same files).
 
     Raises:
         DatasetError: the folder, ``images/`` or ``masks/`` is missing, or holds no image.
@@ -182,7 +186,7 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
         errors.append(f"{scan.root / 'images'}: no image for {len(scan.masks_without_image)} mask(s): "
                       f"{preview(scan.masks_without_image, LISTED)} (expected an image with the same file stem)")
     samples = list(scan.samples.values())
-    records = read_pairs(samples, workers)
+    records = read(scan) if read is not None else read_pairs(samples, workers)
     for record in records:
         errors += record.problems
 
