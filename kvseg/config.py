@@ -38,7 +38,8 @@ class DataConfig:
     split_seed: int = 0
     cache: str = "disk"  # decoded, resized pairs: "disk" (kept across runs, kvseg.data.preprocessed), "memory" (one run), "off"
     cache_dir: str = ""  # where "disk" keeps them; empty: $KVSEG_CACHE_DIR, else ~/.cache/kvseg (never the data folder)
-    num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per process (at least 1)
+    num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per local process (at least 1)
+    augment_on: str = "auto"  # augment in the DataLoader "workers" or per batch on the "device"; auto: device on a GPU
     # The synthetic stand-in written when ``root`` does not exist and no data dir was given.
     synthetic_images: int = 240
     synthetic_test_fraction: float = 0.2
@@ -119,6 +120,7 @@ class Config:
 
 _CHOICES = {
     "data.cache": ("disk", "memory", "off"),
+    "data.augment_on": ("auto", "workers", "device"),
     "data.mask_encoding": ("auto", "binary-0-255", "binary-0-1", "labels", "palette"),  # kvseg.data.masks.ENCODINGS
     "model.upsample": ("transpose", "bilinear"),
     "train.optimizer": ("adam", "adamw"),

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kvseg.config import Config, DataConfig
+from kvseg.config import DataConfig
 from kvseg.data.encodings import EncodingDecision, decide_encoding
 from kvseg.data.folder import FolderScan, Sample, image_to_rgb, open_upright, preview, scan_folder
 from kvseg.data.masks import MaskValues, inspect_mask, misfit_message
 from kvseg.data.splits import SPLIT_FILES, Split, resolve_split
-from kvseg.errors import CorruptImageError, DatasetError, KvsegError, user_message
+from kvseg.errors import CorruptImageError, KvsegError, user_message
 
 logger = logging.getLogger(__name__)
 
@@ -240,32 +240,3 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
     if duplicates:
         warnings.append(f"duplicate images: {report._duplicates_text()}")
     return report
-
-
-def check_training_data(cfg: Config, accelerator) -> None:
-    """Before epoch 1: check ``cfg.data.root`` on the main process, print the brief summary and fix the mask encoding.
-
-    The encoding decided (or the one ``data.mask_encoding`` names) is written into
-    ``cfg.data.mask_encoding`` on every process, so the config saved in the run folder and in every
-    checkpoint reads masks the same way on resume, in the report and in export.
-
-    Raises:
-        DatasetError: the check found errors (the first three are named).
-    """
-    from accelerate.utils import broadcast_object_list
-
-    outcome: list = [None]
-    if accelerator.is_main_process:
-        try:
-            report = check_folder(cfg.data.root, cfg.data)
-            for line in report.lines(brief=True):
-                logger.info(line)
-            outcome = [(report.decision.encoding.name if report.decision else None, report.error_line())]
-        except KvsegError as exc:
-            outcome = [(None, user_message(exc))]
-    broadcast_object_list(outcome)
-    encoding, error = outcome[0]
-    if error:
-        raise DatasetError(error)
-    if encoding:
-        cfg.data.mask_encoding = encoding

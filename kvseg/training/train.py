@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from kvseg.runs.checkpoint import load_model_checkpoint, set_threshold
 from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
 from kvseg.training.distributed import check_process_group
+from kvseg.training.epoch_loss import EpochLoss
 from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
 from kvseg.training.saver import CheckpointSaver
 
@@ -102,17 +104,19 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ema: AveragedModel | None = None,
     timer: PhaseTimer | None = None,
+    augment: Callable | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` (or its first ``max_steps`` batches).
 
     ``scheduler`` and ``ema`` step after every optimizer step (not every micro-batch under gradient
-    accumulation). The returned loss is averaged over all samples on all processes; ``lr`` is the
-    learning rate of the epoch's last step. ``timer`` splits each step into :data:`PHASES`.
+    accumulation). The returned loss is averaged over all samples on all processes, each once
+    (:class:`~kvseg.training.epoch_loss.EpochLoss`); ``lr`` is the learning rate of the epoch's last
+    step. ``timer`` splits each step into :data:`PHASES`. ``augment`` turns a loader batch of uint8
+    pairs into the augmented, normalised one on the device (``data.augment_on: device``).
     """
     model.train()
     start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    epoch_loss = EpochLoss(accelerator, loss_fn)
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     # The bar redraws from a thread that competes for the GIL: keep it slow, and off when
     # the output is not a terminal (logs, CI), where it shows nothing anyway.
@@ -125,9 +129,11 @@ def train_one_epoch(
         task = progress.add_task(description, total=steps, loss="-")
         if timer is not None:
             timer.start()
-        for step, (images, masks, _) in enumerate(loader):
+        for step, (images, masks, indices) in enumerate(loader):
             if step == steps:
                 break
+            if augment is not None:  # uint8 from the workers: rotated, flipped and normalised on the device
+                images, masks = augment(images, masks, indices)
             if timer is not None:
                 timer.mark("data wait")
             if channels_last:
@@ -148,15 +154,14 @@ def train_one_epoch(
                     scheduler.step()
                 if ema is not None:
                     ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
-            loss_sum += loss.detach().double() * len(images)
-            count += len(images)
+            epoch_loss.add(loss, logits, masks)
             if step % 10 == 0 and accelerator.is_main_process:
                 progress.update(task, loss=f"{loss.item():.4f}")
             progress.advance(task)
             if timer is not None:
                 timer.mark("optimizer")
-    loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
-    return EpochStats(float(loss_sum / count), time.perf_counter() - start, int(count), lr)
+    loss, images = epoch_loss.total()
+    return EpochStats(loss, time.perf_counter() - start, images, lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +207,7 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
                             cfg.train.keep_every)
     score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
-                    gather=accelerator.gather_for_metrics)
+                    processes=accelerator, normalise=training.normalise)
     for epoch in range(progress.epoch + 1, cfg.train.epochs + 1 if not progress.stopped_early else 0):
         run_epoch(epoch, cfg, training, score, saver, accelerator)
         if progress.stopped_early:
@@ -221,7 +226,7 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     training.datasets["train"].set_epoch(epoch)
     stats = train_one_epoch(training.model, training.loaders["train"], training.optimizer, training.loss_fn, accelerator,
                             cfg.train.channels_last, f"epoch {epoch}/{epochs}", scheduler=training.scheduler,
-                            ema=training.ema)
+                            ema=training.ema, augment=training.augment)
     check_finite(stats, epoch, run, progress)
     logger.info(stats.line(epoch, epochs))
     due = "val" in training.loaders and (epoch == epochs or epoch % cfg.train.eval_every == 0)
@@ -254,7 +259,8 @@ def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, a
     training.weights.load_state_dict(selected[0])
     threshold, tuning = cfg.train.threshold, None
     if cfg.eval.tune_threshold and "val" in loaders:
-        choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, gather=accelerator.gather_for_metrics)
+        choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, processes=accelerator,
+                                normalise=training.normalise)
         threshold, tuning = choice.value, asdict(choice)
         logger.info(f"Threshold {threshold} (tuned on validation: per-image Dice {max(choice.dice):.4f})")
         if accelerator.is_main_process:
