@@ -29,11 +29,11 @@ class EpochLoss:
         """Count a batch: its loss (a scalar, the batch mean), its logits (B, 1, H, W) and masks (B, 1, H, W)."""
         if self.accelerator.num_processes > 1 and self.accelerator.gradient_state.end_of_dataloader:
             losses = self.accelerator.gather_for_metrics(per_image_loss(self.loss_fn, logits.detach().float(), masks))
-            self._common += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), device=losses.device,
-                                                                             dtype=torch.float64)])
-        else:
-            self._local += torch.stack([loss.detach().double() * len(logits),
-                                        torch.tensor(float(len(logits)), device=self._local.device, dtype=torch.float64)])
+            self._common[0] += losses.double().sum()
+            self._common[1] += len(losses)
+        else:  # in place, the count as a scalar: no copy to the device, no wait for it
+            self._local[0] += loss.detach().double() * len(logits)
+            self._local[1] += len(logits)
 
     def total(self) -> tuple[float, int]:
         """(mean loss, samples) of the epoch over all processes, each sample counted once (one all-reduce)."""
