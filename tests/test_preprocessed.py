@@ -147,7 +147,7 @@ def test_loader_benchmark_reports_both_paths_beside_the_step(dataset_copy: Path)
         # float32 image (3 S S x 4 bytes) + uint8 mask + int64 index, against uint8 image + mask + index
         assert rows["workers", "disk cache", 1]["bytes_per_image"] == 13 * size * size + 8
         assert rows["device", "disk cache", 1]["bytes_per_image"] == 4 * size * size + 8
-        assert entry["cache_mib"] > 0 and entry["step"]["images_per_s"] > 0 and entry["step"]["steps"] >= 2
+        assert entry["cache_mib"] > 0 and entry["step"]["images_per_s"] > 0 and entry["step"]["steps"] >= 1
         assert entry["device_augment"]["images_per_s"] > 0 and entry["device_augment"]["device"] == "cpu"
     table = "\n".join(loader_markdown(report))
     assert table.count("| 48 | device | disk cache |") == 2
