@@ -140,6 +140,21 @@ def test_the_test_split_never_influences_selection(two_process_run: tuple[Path, 
     assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([h["train_loss"] for h in history])
 
 
+def test_two_processes_augment_on_the_device(synthetic_root: Path, tmp_path: Path) -> None:
+    """uint8 batches augmented per batch in each process; the second process waits for the first's preparation."""
+    result = run(TWO_CPU_PROCESSES, "--data-dir", str(synthetic_root), "--epochs", "1", "--output-dir", str(tmp_path),
+                 "--run-name", "dev", *TINY, "--set", "data.augment_on=device", "--set", "eval.tta=[]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "dev"
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["augment_on"] == "device" and environment["num_processes"] == 2
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history) == 1 and 0 < history[0]["train_loss"] < 5 and history[0]["val_dice"] is not None
+    test_ids = (synthetic_root / "test.txt").read_text().split()
+    assert _metrics(run_dir)["num_images"] == len(test_ids)
+    assert sum(_metrics(run_dir)["confusion_matrix"].values()) == len(test_ids) * 64 * 64
+
+
 def test_learning_curve_from_the_kept_epochs(two_process_run: tuple[Path, subprocess.CompletedProcess],
                                             tmp_path: Path) -> None:
     run_dir, _ = two_process_run
