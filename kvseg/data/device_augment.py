@@ -65,7 +65,7 @@ def rotate(images: torch.Tensor, masks: torch.Tensor, degrees: torch.Tensor) -> 
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (N, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    masks = F.grid_sample(masks, grid.to(masks.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
+    masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return images, masks
 
 
