@@ -39,7 +39,8 @@ class DataConfig:
     split_seed: int = 0
     cache: str = "disk"  # decoded, resized pairs: "disk" (kept across runs, kvseg.data.preprocessed), "memory" (one run), "off"
     cache_dir: str = ""  # where "disk" keeps them; empty: $KVSEG_CACHE_DIR, else ~/.cache/kvseg (never the data folder)
-    num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per process (at least 1)
+    num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per local process (at least 1)
+    augment_on: str = "auto"  # augment in the DataLoader "workers" or per batch on the "device"; auto: device on a GPU
     # The synthetic stand-in written when ``root`` does not exist and no data dir was given.
     synthetic_images: int = 240
     synthetic_test_fraction: float = 0.2
@@ -63,6 +64,11 @@ class AugmentConfig:
     hue_saturation_p: float = 0.0  # HueSaturationValue: hue +-10, saturation +-20, value +-10 (of 180/255)
     blur_p: float = 0.0  # GaussianBlur, kernel 3-7 px
     jpeg_p: float = 0.0  # ImageCompression (JPEG), quality 50-95
+
+    def workers_only(self) -> list[str]:
+        """The keys of augmentations turned on that run in DataLoader workers only (not in data.augment_on=device)."""
+        keys = ("scale_p", "brightness_contrast_p", "hue_saturation_p", "blur_p", "jpeg_p")
+        return [f"augment.{key}" for key in keys if getattr(self, key) > 0]
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -129,6 +135,7 @@ class Config:
 
 _CHOICES = {
     "data.cache": ("disk", "memory", "off"),
+    "data.augment_on": ("auto", "workers", "device"),
     "data.mask_encoding": ("auto", "binary-0-255", "binary-0-1", "labels", "palette"),  # kvseg.data.masks.ENCODINGS
     "model.upsample": ("transpose", "bilinear"),
     "train.optimizer": ("adam", "adamw"),
@@ -216,6 +223,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.tta' has {', '.join(unknown)}; expected some of {', '.join(TTA_TRANSFORMS)}")
     if not cfg.data.class_name.strip():
         raise ConfigError("config key 'data.class_name' is empty; expected the foreground's name, e.g. instrument or polyp")
+    if cfg.data.augment_on == "device" and cfg.augment.workers_only():
+        raise ConfigError(f"config keys {', '.join(cfg.augment.workers_only())} augment in the DataLoader workers only; "
+                          "expected data.augment_on workers or auto with them")
     for name, value in vars(cfg.augment).items():
         if name.endswith("_p") and not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key 'augment.{name}' is {value}; expected a probability from 0 to 1")

@@ -128,3 +128,15 @@ def test_augmentation_probabilities_are_checked() -> None:
 
     with pytest.raises(ConfigError, match="augment.blur_p"):
         load_config(overrides=["augment.blur_p=1.5"])
+
+
+def test_augmentations_the_device_path_lacks_keep_auto_in_the_workers() -> None:
+    from kvseg.config import load_config
+    from kvseg.errors import ConfigError
+    from kvseg.runtime import resolve_augment_on
+
+    with pytest.raises(ConfigError, match="augment.blur_p augment in the DataLoader workers only"):
+        load_config(overrides=["data.augment_on=device", "augment.blur_p=0.2"])
+    cfg = load_config(overrides=["augment.blur_p=0.2"])
+    assert resolve_augment_on("auto", torch.device("cuda"), bool(cfg.augment.workers_only())) == "workers"
+    assert resolve_augment_on("auto", torch.device("cuda")) == "device"

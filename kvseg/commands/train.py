@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last completed epoch")
     parser.add_argument(
         "--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
-        help="auto: the launcher's setting, or bf16 on a CPU with native bf16 (default)",
+        help="auto: the launcher's setting, or bf16 where it is native, on a GPU or a CPU (default)",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. train.eval_every=2"

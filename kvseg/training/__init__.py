@@ -1,8 +1,9 @@
 """Training: the accelerate set-up of a run, the epoch loop, optimizer and schedule, the checkpoint policy.
 
 ``factory`` builds what the loop works with, ``train`` runs it (:func:`train_one_epoch`, then
-:func:`run_training`), ``optim`` holds optimizer, schedule and weight averaging, ``saver`` decides
-what is saved when, ``distributed`` checks the process group. Training scores with
+:func:`run_training`), ``epoch_loss`` averages the epoch's loss over each sample once, ``optim``
+holds optimizer, schedule and weight averaging, ``saver`` decides what is saved when,
+``distributed`` checks the process group. Training scores with
 :mod:`kvseg.evaluation` and draws no figure: the command writes the report after it.
 
 May import: :mod:`kvseg.evaluation`, :mod:`kvseg.runs`, :mod:`kvseg.data`, :mod:`kvseg.models` and the base modules.

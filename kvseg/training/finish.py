@@ -34,7 +34,8 @@ def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, a
     training.weights.load_state_dict(selected[0])
     threshold, tuning = cfg.train.threshold, None
     if cfg.eval.tune_threshold and "val" in loaders:
-        choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, gather=accelerator.gather_for_metrics)
+        choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, processes=accelerator,
+                                normalise=training.normalise)
         threshold, tuning = choice.value, asdict(choice)
         logger.info(f"Threshold {threshold} (tuned on validation: per-image Dice {max(choice.dice):.4f})")
         if accelerator.is_main_process:

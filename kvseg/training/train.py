@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from kvseg.evaluation.evaluate import EvalResult, evaluate
 from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
 from kvseg.training.distributed import check_process_group
+from kvseg.training.epoch_loss import EpochLoss
 from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
 from kvseg.training.finish import finish_run
 from kvseg.training.optim import ProgressSchedule
@@ -113,19 +115,21 @@ def train_one_epoch(
     ema: AveragedModel | None = None,
     timer: PhaseTimer | None = None,
     control: Control | None = None,
+    augment: Callable | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` (or its first ``max_steps`` batches), or until ``control`` says stop.
 
     After every optimizer step (not every micro-batch under gradient accumulation) ``control`` counts
     the step and says how far the run is and whether every process stops here; ``scheduler`` then
     sets the learning rate for that progress and ``ema`` averages the weights. The returned loss is
-    averaged over all samples on all processes; ``lr`` is the learning rate of the epoch's last step.
-    ``timer`` splits each step into :data:`PHASES`.
+    averaged over all samples on all processes, each once (:class:`~kvseg.training.epoch_loss.EpochLoss`);
+    ``lr`` is the learning rate of the epoch's last step. ``timer`` splits each step into :data:`PHASES`.
+    ``augment`` turns a loader batch of uint8 pairs into the augmented, normalised one on the device
+    (``data.augment_on: device``).
     """
     model.train()
     start, lr, optimizer_steps, stopped = time.perf_counter(), optimizer.param_groups[0]["lr"], 0, False
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    epoch_loss = EpochLoss(accelerator, loss_fn)
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     # The bar redraws from a thread that competes for the GIL: keep it slow, and off when
     # the output is not a terminal (logs, CI), where it shows nothing anyway.
@@ -138,9 +142,11 @@ def train_one_epoch(
         task = progress.add_task(description, total=steps, loss="-")
         if timer is not None:
             timer.start()
-        for step, (images, masks, _) in enumerate(loader):
+        for step, (images, masks, indices) in enumerate(loader):
             if step == steps:
                 break
+            if augment is not None:  # uint8 from the workers: rotated, flipped and normalised on the device
+                images, masks = augment(images, masks, indices)
             if timer is not None:
                 timer.mark("data wait")
             if channels_last:
@@ -162,8 +168,7 @@ def train_one_epoch(
                     scheduler.set_progress(control.progress if control is not None else 0.0)
                 if ema is not None:
                     ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
-            loss_sum += loss.detach().double() * len(images)
-            count += len(images)
+            epoch_loss.add(loss, logits, masks)
             if step % 10 == 0 and accelerator.is_main_process:
                 progress.update(task, loss=f"{loss.item():.4f}")
             progress.advance(task)
@@ -171,8 +176,10 @@ def train_one_epoch(
                 timer.mark("optimizer")
             if stopped:
                 break
-    loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
-    return EpochStats(float(loss_sum / count), time.perf_counter() - start, int(count), lr, optimizer_steps, stopped)
+    if (stopped or steps < len(loader)) and hasattr(loader, "end"):
+        loader.end()  # an accelerate loader left mid-epoch stays registered as active until told it ended
+    loss, images = epoch_loss.total()
+    return EpochStats(loss, time.perf_counter() - start, images, lr, optimizer_steps, stopped)
 
 
 def check_finite(stats: EpochStats, epoch: int, run: RunDir, progress: RunProgress) -> None:
@@ -193,10 +200,6 @@ def history_record(epoch: int, stats: EpochStats, result: EvalResult | None, bes
             "images_per_s": stats.images_per_s, "lr": stats.lr}
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
 def run_training(cfg: Config, options: RunOptions) -> Path:
     """Train ``cfg`` end to end and return the run folder; see the README for what it holds."""
     accelerator = build_accelerator(cfg, options.mixed_precision)
@@ -209,7 +212,7 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
                             cfg.train.keep_every)
     score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
-                    gather=accelerator.gather_for_metrics)
+                    processes=accelerator, normalise=training.normalise)
     control = build_control(cfg, training, accelerator, progress)
     epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
     epoch = progress.epoch
@@ -267,7 +270,7 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     of = f"/{epochs}" if not cfg.train.max_steps and not cfg.train.budget_minutes else ""
     stats = train_one_epoch(training.model, training.loaders["train"], training.optimizer, training.loss_fn, accelerator,
                             cfg.train.channels_last, f"epoch {epoch}{of}", scheduler=training.scheduler,
-                            ema=training.ema, control=control)
+                            ema=training.ema, control=control, augment=training.augment)
     tail_started = time.perf_counter()
     check_finite(stats, epoch, run, progress)
     logger.info(stats.line(epoch, epochs, control.progress if not of else None))
