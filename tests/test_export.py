@@ -35,7 +35,7 @@ def test_onnx_matches_pytorch_at_another_batch_and_size(exported: tuple[Path, su
     run_dir, _ = exported
     model, _, _ = load_trained_model(run_dir / "checkpoints" / "best.pt")
     session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(1).normal(size=(3, 3, 80, 48)).astype(np.float32)  # exported at (1, 3, 64, 64)
+    x = np.random.default_rng(1).normal(size=(3, 3, 80, 48)).astype(np.float32)  # exported at (2, 3, 64, 64)
     got = session.run(["logits"], {"image": x})[0]
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()

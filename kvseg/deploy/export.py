@@ -141,12 +141,12 @@ def check_writable(path: Path) -> None:
 
 
 def random_agreement(logits_fn, reference, cfg: Config, threshold: float, dynamic_hw: bool) -> Agreement:
-    """Agreement on random inputs at other batch sizes (2, 5) and, with dynamic sides, another size."""
+    """Agreement on random inputs at other batch sizes (3, 5) and, with dynamic sides, another size."""
     size, multiple = cfg.data.image_size, 2**cfg.model.depth
     other = size + multiple if dynamic_hw else size
     rng = np.random.default_rng(0)
     agreement = Agreement()
-    for shape in ((2, 3, other, other), (5, 3, size, size)):
+    for shape in ((3, 3, other, other), (5, 3, size, size)):
         images = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
         agreement.update(logits_fn(images), reference(images), threshold)
     return agreement
@@ -178,7 +178,7 @@ def export_run(
     report = ExportReport(checkpoint=checkpoint)
     reference = torch_logits(model)
     datasets = eval_datasets(cfg, RunDir(run_dir) if run_dir else None, data_dir) if verify or "int8" in precisions else {}
-    test_loader = DataLoader(datasets["test"], batch_size=3) if verify else None  # export sample: batch 1
+    test_loader = DataLoader(datasets["test"], batch_size=3) if verify else None  # export sample: batch 2
     threshold = threshold_of(payload)
     reference_result = evaluate(reference, test_loader, threshold) if verify else None
     build = {

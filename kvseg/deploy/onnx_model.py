@@ -77,9 +77,11 @@ def export_model(
 ) -> None:
     """Export ``model`` to ``path`` with the dynamo exporter; batch always dynamic, H/W optionally.
 
-    Dynamic height and width are multiples of ``2**depth``, the only sizes the U-Net accepts.
+    Dynamic height and width are multiples of ``2**depth``, the only sizes the U-Net accepts. The
+    sample has batch 2: torch.export takes a dimension of size 0 or 1 in the sample for a constant,
+    and some torch releases (2.7 among them) then write a graph fixed at batch 1, which verification refuses.
     """
-    sample = torch.zeros(1, 3, image_size, image_size)
+    sample = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     axes: dict[int, object] = {0: batch}
     if dynamic_hw:

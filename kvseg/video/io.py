@@ -33,6 +33,10 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".m
 FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}  # playable up to the last keyframe after a crash
 X264_OPTIONS = {"preset": "ultrafast", "crf": "23"}  # the least CPU per frame: the model needs the cores (README)
 DEFAULT_FPS = Fraction(30)  # for a source that does not say
+# OpenCV's log level: cv2.utils.logging in OpenCV 5, the top-level cv2.getLogLevel/setLogLevel in 4.x (the
+# wheel pip picks next to numpy 1.x). 2 is cv::utils::logging::LOG_LEVEL_ERROR in both.
+_CV2_LOGGING = getattr(cv2.utils, "logging", cv2)
+_CV2_LOG_LEVEL_ERROR = 2
 
 
 class VideoError(KvsegError):
@@ -147,13 +151,13 @@ class CameraSource(VideoSource):
     """A camera by number, through OpenCV: always live."""
 
     def __init__(self, index: int) -> None:
-        level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its warnings would break the one-line error
+        level = _CV2_LOGGING.getLogLevel()
+        _CV2_LOGGING.setLogLevel(_CV2_LOG_LEVEL_ERROR)  # its warnings would break the one-line error
         try:
             self._capture = cv2.VideoCapture(index)
             ok, first = self._capture.read() if self._capture.isOpened() else (False, None)
         finally:
-            cv2.utils.logging.setLogLevel(level)
+            _CV2_LOGGING.setLogLevel(level)
         if not ok:
             self._capture.release()
             raise VideoError(f"camera {index}: cannot open (no camera with this number, or it is in use)")
