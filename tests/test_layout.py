@@ -103,3 +103,13 @@ def test_no_module_is_longer_than_the_limit() -> None:
 
 def test_the_layers_cover_every_stage() -> None:
     assert {stage_of(name) for name in MODULES} <= set(LAYERS)
+
+
+def test_predicting_and_video_never_load_matplotlib() -> None:
+    import subprocess
+    import sys
+
+    script = ("import sys, kvseg.commands.predict, kvseg.video.segment, kvseg.deploy.export; "
+              "print('matplotlib' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvseg.evaluation.plots import overlay
+from kvseg.evaluation.overlay import overlay
 from kvseg.evaluation.tta import ALL_TRANSFORMS, with_tta
 from kvseg.files import write_json
 from kvseg.runtime import usable_cores
