@@ -2,9 +2,9 @@
 
 A name is the stem of a recipe in ``configs/`` (``configs/realtime_cpu.yaml`` names kvseg's
 recommended real-time CPU model), or a path to any YAML config. The model it names is the newest
-finished run under the runs folder that was trained with that recipe's model (the same ``model``
-section and ``data.image_size``): its int8 ONNX model where it was exported, else its fp32 ONNX
-model, else its best checkpoint in PyTorch. Train and export it once::
+run under the runs folder with a selected checkpoint (``checkpoints/best.pt``) that was trained with
+that recipe's model (the same ``model`` section and ``data.image_size``): its int8 ONNX model where
+it was exported, else its fp32 ONNX model, else its best checkpoint in PyTorch. Train and export it once::
 
     accelerate launch train_ddp.py --config configs/realtime_cpu.yaml --data-dir YOUR_FOLDER
     python export.py --run runs/NAME --int8
@@ -39,7 +39,7 @@ def recipe_path(name: str) -> Path:
 
 
 def runs_of(recipe: Config, runs_dir: str | Path) -> list[RunDir]:
-    """The finished runs under ``runs_dir`` trained with ``recipe``'s model and image size, newest last."""
+    """The runs under ``runs_dir`` with a best checkpoint, trained with ``recipe``'s model and image size, newest last."""
     found = []
     for path in sorted(Path(runs_dir).glob("*/checkpoints/best.pt")):
         run = RunDir(path.parent.parent)
@@ -47,7 +47,7 @@ def runs_of(recipe: Config, runs_dir: str | Path) -> list[RunDir]:
             cfg = load_config(run.config)
         except ConfigError:
             continue  # a folder of another kvseg version or a broken config is not this recipe's run
-        if cfg.model == recipe.model and cfg.data.image_size == recipe.data.image_size and run.metrics.is_file():
+        if cfg.model == recipe.model and cfg.data.image_size == recipe.data.image_size:
             found.append(run)
     return sorted(found, key=lambda run: run.best.stat().st_mtime)
 
@@ -57,14 +57,14 @@ def named_predictor(name: str, runs_dir: str | Path = "runs", runtime: str = "on
 
     Raises:
         ConfigError: no such recipe.
-        CheckpointError: no finished run of the recipe's model under ``runs_dir``.
+        CheckpointError: no run of the recipe's model under ``runs_dir``.
     """
     path = recipe_path(name)
     recipe = load_config(path)
     runs = runs_of(recipe, runs_dir)
     if not runs:
         raise CheckpointError(
-            f"--model {name}: no finished run of {describe(recipe.model)} at {recipe.data.image_size} px "
+            f"--model {name}: no trained run of {describe(recipe.model)} at {recipe.data.image_size} px "
             f"(the model of {path}) under {runs_dir}; train it: accelerate launch train_ddp.py --config {path} "
             "--data-dir YOUR_FOLDER, then python export.py --run RUN --int8 (or pass --runs-dir)")
     run = runs[-1]

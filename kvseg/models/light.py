@@ -1,7 +1,8 @@
 """kvseg's CPU-native segmenter: depthwise-separable and dilated convolutions, a small additive decoder.
 
 Built for batch-1 inference on one or two CPU cores at 256x256, in three sizes (:data:`SIZES`):
-``light-s``, ``light-m`` and ``light-l``, from about 40 thousand to about 340 thousand parameters.
+``light-s``, ``light-m`` and ``light-l``: 39, 135 and 360 thousand parameters, 0.08, 0.27 and 0.48
+GFLOPs per 256x256 image.
 What it borrows, and from where:
 
 * the encoder is a stack of **inverted residual blocks** (1x1 expansion, 3x3 depthwise, linear 1x1
