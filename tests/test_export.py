@@ -161,3 +161,20 @@ def test_checkpoint_loader_rejects_foreign_files(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, path)
     with pytest.raises(CheckpointError, match="not a kvseg checkpoint"):
         load_trained_model(path)
+
+
+def test_int8_calibrates_on_a_seeded_sample_of_the_training_split(fresh_run: Path) -> None:
+    from kvseg.deploy.export import calibration_sample, verification_split
+    from kvseg.evaluation.datasets import eval_datasets
+    from kvseg.runs.folder import RunDir
+
+    _, cfg, _ = load_trained_model(fresh_run / "checkpoints" / "best.pt")
+    datasets = eval_datasets(cfg, RunDir(fresh_run))
+    batches, drawn = calibration_sample(datasets["train"], 10, seed=0)
+    assert sum(len(b) for b in batches) == drawn["images"] == 10 and drawn["split"] == "train"
+    assert set(drawn["ids"]) <= set(s.id for s in datasets["train"].samples)
+    assert drawn["ids"] != [s.id for s in datasets["train"].samples[:10]]  # not the first ten in order
+    assert calibration_sample(datasets["train"], 10, seed=0)[1] == drawn  # the seed decides
+    assert calibration_sample(datasets["train"], 10, seed=1)[1]["ids"] != drawn["ids"]
+    assert verification_split(datasets)[0] == "test (the run has no validation split)"
+    assert verification_split({**datasets, "val": datasets["train"]})[0] == "validation"

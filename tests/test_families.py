@@ -5,6 +5,8 @@ installed (it is the optional ``[smp]`` extra)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import entry_point
+from conftest import REPO, entry_point
 from kvseg.cli import run_cli
 from kvseg.deploy.backends import openvino_backend
 from kvseg.deploy.export import export_run
@@ -78,3 +80,23 @@ def test_family_trains_exports_and_matches_onnx(family: str, synthetic_root: Pat
 
     maps = feature_maps(model, torch.from_numpy(x[0]))
     assert len(maps) >= 3 and all(m.ndim == 3 and m.shape[1] > 1 for m in maps.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [name for name in PARAMS if name != "unet"])  # the U-Net's: test_train_cli.py
+def test_family_trains_in_two_processes(family: str, synthetic_root: Path, tmp_path: Path) -> None:
+    """DDP on two CPU processes (accelerate launch): one line per epoch, one checkpoint, a model that loads."""
+    size, overrides = FAMILIES[family]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs/accelerate/cpu_2proc.yaml"), str(REPO / "train_ddp.py"), "--data-dir", str(synthetic_root),
+               "--output-dir", str(tmp_path),
+               "--run-name", family, "--epochs", "2", "--image-size", str(size), "--batch-size", "4",
+               "--num-workers", "0", "--set", "eval.tta=[]"]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.startswith("Epoch [2/2]")]) == 1
+    model, cfg, _ = load_trained_model(tmp_path / family / "checkpoints" / "best.pt")
+    assert cfg.model.arch == overrides[0].split("=")[1] and model.input_multiple in (16, 32)
