@@ -154,3 +154,18 @@ def test_imagenet_weights_come_from_the_local_cache_with_their_normalisation(tmp
     assert (cfg.augment.mean, cfg.augment.std) == ([0.5] * 3, [0.25] * 3)  # the weights' normalisation, kept in the config
     loaded = build_model(cfg.model, pretrained=True).network.encoder.state_dict()
     assert torch.equal(loaded["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+
+
+@NEEDS_SMP
+def test_timm_encoder_weights_from_a_file(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    state = {k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}
+    save_file(state, str(tmp_path / "resnet18.safetensors"))
+    cfg = load_config(overrides=["model.arch=smp.Unet", "model.encoder=tu-resnet18",
+                                 f"model.encoder_weights={tmp_path / 'resnet18.safetensors'}"])
+    check_model_config(cfg)
+    loaded = build_model(cfg.model, pretrained=True).network.encoder.model.state_dict()
+    assert torch.equal(loaded["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])

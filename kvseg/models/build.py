@@ -96,7 +96,7 @@ def check_model_config(cfg: Config) -> None:
     """
     family = family_of(cfg.model.arch)
     if family == "smp":
-        library._architecture(cfg.model.arch)
+        library.architecture_class(cfg.model.arch)
         library.check_encoder(cfg.model)
         if cfg.model.encoder_weights:
             library.weights_file(cfg.model)

@@ -62,7 +62,12 @@ def architectures() -> list[str]:
     return [PREFIX + cls.__name__ for cls in MODEL_ARCHITECTURES_MAPPING.values()]
 
 
-def _architecture(arch: str) -> type:
+def architecture_class(arch: str) -> type:
+    """The smp class ``smp.<Arch>`` names.
+
+    Raises:
+        ConfigError: smp is not installed, or it has no such architecture.
+    """
     smp = _smp(arch)
     name = arch.removeprefix(PREFIX)
     classes = {cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()}
@@ -113,7 +118,7 @@ def build_library_model(cfg: ModelConfig, pretrained: bool = False) -> LibraryMo
     Raises:
         ConfigError: smp is not installed, or the arch, encoder or weights are unknown or missing.
     """
-    architecture = _architecture(cfg.arch)
+    architecture = architecture_class(cfg.arch)
     check_encoder(cfg)
     weights = pretrained and cfg.encoder_weights
     extra: dict = {}
