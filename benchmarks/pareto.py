@@ -6,8 +6,9 @@
 Each model of ``--models`` (default: every entry of ``MODELS``, the smp ones where segmentation_models_pytorch
 is installed) is one ``train_ddp.py`` run of ``--config`` (default ``configs/real_cpu.yaml``) at ``--image-size``
 (256) with the model's ``--set`` overrides, per seed, one after another in this environment, so on a quiet machine
-their minutes compare. The training time is ``--budget {minutes}m`` where ``train_ddp.py`` has that flag; before it
-has, ``--epochs`` is required and the minutes are what those epochs took (each row records which). ``best.pt`` is
+their minutes compare. The training time is ``--budget {minutes}m`` where ``train_ddp.py`` has that flag (with
+``--epochs`` an upper bound, if given); before it has, ``--epochs`` is required and the minutes are what those
+epochs took (each row records which). ``best.pt`` is
 validation-selected, and training scores the test split once with it: the row's ``test_dice`` is that per-image
 Dice without TTA, read from metrics.json. Each run is exported to fp32 and int8 ONNX (verified on validation),
 then measured by :func:`kvseg.bench.pareto.measure_point`: parameters, GFLOPs per image, batch-1 latency at
@@ -72,7 +73,7 @@ def has_budget() -> bool:
 def train(name: str, seed: int, args: argparse.Namespace) -> tuple[RunDir, dict]:
     """The finished run of ``name`` and ``seed``: read when it finished, resumed when it saved an epoch, else trained."""
     run = RunDir(Path(args.output_dir) / f"{name}-seed{seed}")
-    schedule = {"budget_minutes": args.minutes} if has_budget() else {"epochs": args.epochs}
+    schedule = {"budget_minutes": args.minutes, "max_epochs": args.epochs} if has_budget() else {"epochs": args.epochs}
     if run.metrics.is_file():
         print(f"[{run.path.name}] finished before: read, not retrained", flush=True)
         return run, schedule
@@ -82,7 +83,10 @@ def train(name: str, seed: int, args: argparse.Namespace) -> tuple[RunDir, dict]
         command = [sys.executable, str(ROOT / "train_ddp.py"), "--config", args.config, "--data-dir", args.data_dir,
                    "--output-dir", args.output_dir, "--run-name", run.path.name, "--image-size", str(args.image_size),
                    "--seed", str(seed), "--set", "eval.tta=[]"]
-        command += ["--budget", f"{args.minutes:g}m"] if "budget_minutes" in schedule else ["--epochs", str(args.epochs)]
+        if "budget_minutes" in schedule:
+            command += ["--budget", f"{args.minutes:g}m"]
+        if args.epochs is not None:  # without a budget the schedule; with one, an upper bound
+            command += ["--epochs", str(args.epochs)]
         for override in [*MODELS[name], *args.set]:
             command += ["--set", override]
     print(f"[{run.path.name}] {' '.join(command[1:])}", flush=True)
