@@ -39,7 +39,7 @@ from kvseg.bench.pareto import measure_point, pareto_front
 from kvseg.bench.training import FULL
 from kvseg.cli import configure_logging
 from kvseg.commands.train import build_parser as train_parser
-from kvseg.config import TrainConfig
+from kvseg.config import TrainConfig, load_config
 from kvseg.deploy.export import export_run
 from kvseg.files import replacing, write_json, write_text
 from kvseg.models.build import family_of
@@ -70,10 +70,25 @@ def has_budget() -> bool:
     return "--budget" in flags and hasattr(TrainConfig(), "budget_minutes")
 
 
+def check_same(run: RunDir, name: str, seed: int, schedule: dict, args: argparse.Namespace) -> None:
+    """Stop when ``run`` holds a run of another model, seed, size or training time than the one asked for."""
+    done = load_config(run.config)
+    asked = load_config(args.config, [*MODELS[name], *args.set, f"data.image_size={args.image_size}",
+                                      f"train.seed={seed}"])
+    minutes = getattr(done.train, "budget_minutes", None)
+    same = (done.model == asked.model and done.data.image_size == asked.data.image_size and done.train.seed == seed
+            and (minutes == args.minutes if "budget_minutes" in schedule else done.train.epochs == args.epochs))
+    if not same:
+        raise SystemExit(f"error: {run} holds a run of another model, size, seed or training time than {name} "
+                         f"(seed {seed}) asked here; use another --output-dir")
+
+
 def train(name: str, seed: int, args: argparse.Namespace) -> tuple[RunDir, dict]:
     """The finished run of ``name`` and ``seed``: read when it finished, resumed when it saved an epoch, else trained."""
     run = RunDir(Path(args.output_dir) / f"{name}-seed{seed}")
     schedule = {"budget_minutes": args.minutes, "max_epochs": args.epochs} if has_budget() else {"epochs": args.epochs}
+    if run.config.is_file():
+        check_same(run, name, seed, schedule, args)
     if run.metrics.is_file():
         print(f"[{run.path.name}] finished before: read, not retrained", flush=True)
         return run, schedule

@@ -29,14 +29,15 @@ def test_model_cost_counts_two_flops_per_multiply_add() -> None:
     assert model_cost(LightSeg(SIZES["light-s"]), 128)["gflops_128"] == pytest.approx(4 * cost["gflops_64"], rel=1e-6)
 
 
-def _pareto(data: Path, out: Path, results: Path) -> subprocess.CompletedProcess:
+def _pareto(data: Path, out: Path, results: Path, minutes: str = "0.2", epochs: str = "1",
+            status: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "pareto.py"), "--data-dir", str(data), "--output-dir", str(out),
-         "--models", "unet-8,light-s", "--minutes", "0.2", "--epochs", "1", "--image-size", "64", "--latency-size", "64",
-         "--iters", "2", "--video-frames", "4", "--tag", "tiny", "--results-dir", str(results),
+         "--models", "unet-8,light-s", "--minutes", minutes, "--epochs", epochs, "--image-size", "64",
+         "--latency-size", "64", "--iters", "2", "--video-frames", "4", "--tag", "tiny", "--results-dir", str(results),
          "--set", "train.batch_size=4", "--set", "data.num_workers=0"],
         capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.returncode == status, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
 
@@ -62,3 +63,5 @@ def test_pareto_trains_measures_and_resumes(synthetic_root: Path, tmp_path: Path
     again = _pareto(synthetic_root, out, results)
     assert again.stdout.count("read, not retrained") == 2 and again.stdout.count("measured before: read") == 2
     assert {name: (Path(row["run"]) / "checkpoints" / "best.pt").stat().st_mtime for name, row in rows.items()} == trained
+    other = _pareto(synthetic_root, out, results, minutes="0.3", epochs="2", status=1)
+    assert "holds a run of another model, size, seed or training time" in other.stderr  # never read as this one
