@@ -147,9 +147,10 @@ def markdown(rows: list[dict], size: int, machine: dict) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |"]
     for i, r in enumerate(rows):
         one, two = r.get(f"fps_1_thread_{size}"), r.get(f"fps_2_threads_{size}")
+        val = "—" if r["val_dice"] is None else f"{r['val_dice']:.4f}"
         lines.append(
             f"| {r['name']} | `{' '.join(r['overrides'])}` | {r['seed']} | {r['parameters']:,} | {r[f'gflops_{size}']:.3f} "
-            f"| {r['test_dice']:.4f} | {r['val_dice'] or float('nan'):.4f} | {r['epochs']} | {r['training_minutes']:.1f} "
+            f"| {r['test_dice']:.4f} | {val} | {r['epochs']} | {r['training_minutes']:.1f} "
             f"| {one or 0:.1f} ({r['best_backend_1_thread']}) | {two or 0:.1f} ({r['best_backend_2_threads']}) "
             f"| {r.get('video_fps_720p') or 0:.1f} | {'yes' if i in front else ''} |")
     return "\n".join(lines) + "\n"
