@@ -75,11 +75,19 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    """U-Net shape."""
+    """Which network (``arch``, built by :mod:`kvseg.models.build`) and the fields of its family.
 
-    base_channels: int = 16
-    depth: int = 4  # number of down-sampling steps; input sides must divide by 2**depth
-    upsample: str = "transpose"  # "transpose" or "bilinear"
+    ``arch`` is ``unet`` (the study's U-Net; reads base_channels, depth, upsample), ``light-s``,
+    ``light-m`` or ``light-l`` (kvseg's CPU-native model, :mod:`kvseg.models.light`), or
+    ``smp.<Arch>`` (an architecture of segmentation_models_pytorch; reads encoder, encoder_weights).
+    """
+
+    arch: str = "unet"
+    base_channels: int = 16  # unet
+    depth: int = 4  # unet: number of down-sampling steps; input sides must divide by 2**depth
+    upsample: str = "transpose"  # unet: "transpose" or "bilinear"
+    encoder: str = "resnet18"  # smp.*: an encoder name of segmentation_models_pytorch, e.g. mobilenet_v2, tu-...
+    encoder_weights: str = ""  # smp.*: "" (random), "imagenet" (from the local cache) or a weights file
 
 
 @dataclass
@@ -198,18 +206,6 @@ def _validate(cfg: Config) -> None:
     unknown = [t for t in cfg.train.trackers if t not in TRACKERS]
     if unknown:
         raise ConfigError(f"config key 'train.trackers' has {', '.join(unknown)}; expected some of {', '.join(TRACKERS)}")
-    if cfg.data.image_size % 2**cfg.model.depth:
-        raise ConfigError(
-            f"config key 'data.image_size' is {cfg.data.image_size}; expected a multiple of "
-            f"2**model.depth = {2**cfg.model.depth}"
-        )
-    if cfg.data.image_size < 2 ** (cfg.model.depth + 1):
-        raise ConfigError(
-            f"config key 'data.image_size' is {cfg.data.image_size}; with model.depth = {cfg.model.depth} the "
-            f"bottleneck would be {cfg.data.image_size // 2**cfg.model.depth}x{cfg.data.image_size // 2**cfg.model.depth} "
-            "px, where BatchNorm cannot train on a batch of one image; expected at least "
-            f"{2 ** (cfg.model.depth + 1)} (2x2 px at the bottleneck), or a smaller model.depth"
-        )
     if not 1 <= cfg.data.mask_threshold <= 255:
         raise ConfigError(f"config key 'data.mask_threshold' is {cfg.data.mask_threshold}; expected 1 to 255")
     values = cfg.data.foreground_values
@@ -240,7 +236,9 @@ def _validate(cfg: Config) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build the run configuration: defaults, then the YAML file at ``path``, then ``overrides``.
 
-    ``overrides`` are ``section.key=value`` strings, e.g. ``train.lr=1e-3``.
+    ``overrides`` are ``section.key=value`` strings, e.g. ``train.lr=1e-3``. What only the model knows
+    (a known ``model.arch`` and encoder, an image size it takes) is checked by
+    :func:`kvseg.models.build.check_model_config` when a run starts.
     """
     merged = OmegaConf.structured(Config)
     try:

@@ -22,7 +22,6 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("", ["train.lr=fast"], "train.lr"),
         ("", ["train.epochs=2.5"], "train.epochs"),
         ("", ["model.upsample=nearest"], "model.upsample"),
-        ("", ["data.image_size=100"], "data.image_size"),
         ("", ["train.batch_size=0"], "train.batch_size"),
         ("nonsense: [", [], "not valid YAML"),
         ("- a\n- b\n", [], "expected a YAML mapping"),

@@ -80,7 +80,8 @@ def test_fp16_and_int8_report_their_iou_change(exported: tuple[Path, subprocess.
     assert abs(by_precision["int8"]["iou_change"]) <= 0.01
     assert by_precision["int8"]["agreement"]["max_abs_diff"] > 1e-4  # really quantised
     assert "test IoU drop" in by_precision["fp16"]["rule"] and abs(by_precision["fp16"]["iou_change"]) <= 0.005
-    assert "test IoU" in result.stdout and "int8" in result.stdout
+    assert report["verification_split"] == "test (the run has no validation split)"  # the fixture run has none
+    assert "test (the run has no validation split) IoU" in result.stdout and "int8" in result.stdout
     quantized = onnx.load(str(run_dir / "model_int8.onnx"))
     assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
 
@@ -96,7 +97,8 @@ def test_failed_verification_leaves_no_model(fresh_run: Path, tmp_path: Path, mo
 def test_int8_that_loses_iou_fails_closed(fresh_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kvseg.deploy.export, "INT8_MAX_IOU_DROP", -1.0)  # any int8 model now "loses" too much
     output = tmp_path / "model.onnx"
-    with pytest.raises(VerificationError, match=r"int8 verification failed: test IoU .* limit -1"):
+    with pytest.raises(VerificationError, match=r"int8 verification failed: test \(the run has no validation split\) "
+                                                r"IoU .* limit -1"):
         export_run(fresh_run / "checkpoints" / "best.pt", output, run_dir=fresh_run, precisions=("fp32", "int8"))
     assert output.is_file()  # the verified fp32 model stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
@@ -159,3 +161,20 @@ def test_checkpoint_loader_rejects_foreign_files(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, path)
     with pytest.raises(CheckpointError, match="not a kvseg checkpoint"):
         load_trained_model(path)
+
+
+def test_int8_calibrates_on_a_seeded_sample_of_the_training_split(fresh_run: Path) -> None:
+    from kvseg.deploy.export import calibration_sample, verification_split
+    from kvseg.evaluation.datasets import eval_datasets
+    from kvseg.runs.folder import RunDir
+
+    _, cfg, _ = load_trained_model(fresh_run / "checkpoints" / "best.pt")
+    datasets = eval_datasets(cfg, RunDir(fresh_run))
+    batches, drawn = calibration_sample(datasets["train"], 10, seed=0)
+    assert sum(len(b) for b in batches) == drawn["images"] == 10 and drawn["split"] == "train"
+    assert set(drawn["ids"]) <= set(s.id for s in datasets["train"].samples)
+    assert drawn["ids"] != [s.id for s in datasets["train"].samples[:10]]  # not the first ten in order
+    assert calibration_sample(datasets["train"], 10, seed=0)[1] == drawn  # the seed decides
+    assert calibration_sample(datasets["train"], 10, seed=1)[1]["ids"] != drawn["ids"]
+    assert verification_split(datasets)[0] == "test (the run has no validation split)"
+    assert verification_split({**datasets, "val": datasets["train"]})[0] == "validation"

@@ -31,6 +31,7 @@ from kvseg.data.folder import find_samples, read_image, scan_folder
 from kvseg.data.masks import MaskEncoding
 from kvseg.errors import ConfigError, ImageTooLargeError, MaskEncodingError, MissingMaskError
 from kvseg.evaluation.datasets import eval_datasets
+from kvseg.models.build import check_model_config
 from kvseg.models.unet import UNet
 from kvseg.runs.folder import Progress, RunDir
 
@@ -280,8 +281,9 @@ def test_report_renders_when_every_test_mask_is_empty(predict_run: Path, synthet
 def test_image_size_too_small_for_the_depth_is_a_config_error() -> None:
     # Case 10: 16 px at depth 4 leaves a 1x1 bottleneck; BatchNorm cannot train a batch of one there.
     with pytest.raises(ConfigError, match=r"data.image_size.*16.*1x1"):
-        load_config(overrides=["data.image_size=16"])
+        check_model_config(load_config(overrides=["data.image_size=16"]))
     cfg = load_config(overrides=["data.image_size=32"])  # 2x2 at the bottleneck: one image trains
+    check_model_config(cfg)
     model = UNet(base_channels=4, depth=cfg.model.depth).train()
     model(torch.randn(1, 3, 32, 32)).sum().backward()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from kvseg.bench.loader import loader_markdown
 from kvseg.bench.video import video_markdown
+from kvseg.config import ModelConfig
+from kvseg.models.build import describe
 
 
 def to_markdown(report: dict) -> str:
@@ -18,8 +20,7 @@ def to_markdown(report: dict) -> str:
         f"torch {machine['packages'].get('torch')}, onnxruntime "
         f"{machine['packages'].get('onnxruntime-gpu') or machine['packages'].get('onnxruntime')}; "
         f"providers used: {', '.join(report['providers_used']) or 'none'}",
-        f"Model: U-Net base {report['model']['base_channels']}, depth {report['model']['depth']}, "
-        f"{report['image_size']}x{report['image_size']}",
+        f"Model: {describe(ModelConfig(**report['model']))}, {report['image_size']}x{report['image_size']}",
         "",
         "## Inference latency",
         "",
@@ -36,6 +37,7 @@ def to_markdown(report: dict) -> str:
     if report["skipped"]:
         lines += ["", "Skipped:"] + [f"- {name}: {reason}" for name, reason in report["skipped"].items()]
     lines += ["", "## IoU parity on the test split", "",
+              "Reported only: export verified each model on the validation split, and no decision is taken here.", "",
               "| backend | IoU per-image | IoU dataset | Dice per-image | Dice dataset "
               "| IoU diff vs torch-fp32 | pixels differing | flag |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -48,7 +50,7 @@ def to_markdown(report: dict) -> str:
     training = report.get("training")
     if training:
         lines += ["", "## Training speed against the study's 300 s/epoch", "",
-                  f"U-Net base {training['base_channels']}, {training['image_size']}x{training['image_size']}, "
+                  f"{training['model']}, {training['image_size']}x{training['image_size']}, "
                   f"batch {training['batch_size']}, {training['steps']} timed steps on {training['device']}; "
                   f"harness: {training['mixed_precision']} autocast, channels_last, {training['num_workers']} worker(s), "
                   f"data from {training.get('data_source', 'a cache')}; the study's image size and width are not given.", "",

@@ -143,6 +143,7 @@ def benchmark_run(
                     + ", ".join(f"batch {row['batch_size']} {row['median_ms']:.2f} ms" for row in entry["latency"]))
     report["providers_used"] = sorted({b.provider for b in loaded.values() if b.provider})
     report["parity"] = measure_parity(loaded, DataLoader(datasets["test"], batch_size=8), threshold_of(payload))
+    report["parity_split"] = "test"  # reported only: export verifies, and decides, on the validation split
     report["flagged"] = [name for name, entry in report["parity"].items() if entry.get("flagged")]
     logger.info(f"parity on {len(datasets['test'])} test images: " + ", ".join(
         f"{name} IoU {entry['iou_per_image']:.4f}" for name, entry in report["parity"].items()))

@@ -4,7 +4,7 @@ The harness is timed in :func:`kvseg.training.train.train_one_epoch` itself, set
 the same loop then splits its steps into phases (:class:`kvseg.training.train.PhaseTimer`) and runs under
 ``torch.profiler`` for the top operators. The study trained 472 images per epoch in 300 s
 (:data:`STUDY_TRAIN_IMAGES`, :data:`STUDY_SECONDS_PER_EPOCH`); it gives neither its image size nor
-its U-Net width, so the projection uses the run's.
+its U-Net width, so the projection uses the run's model and size.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from kvseg.data.device_augment import DeviceBatches
 from kvseg.data.folder import Sample
 from kvseg.data.masks import MaskEncoding
 from kvseg.data.preprocessed import PreprocessedFrames
+from kvseg.models.build import build_model, describe
 from kvseg.models.losses import build_loss
-from kvseg.models.unet import build_model
 from kvseg.runtime import cpu_threads_per_process, resolve_augment_on, resolve_mixed_precision
 from kvseg.training.factory import build_accelerator, prepare_model
 from kvseg.training.optim import build_optimizer
@@ -120,7 +120,7 @@ class Harness:
         if self.accelerator.device.type == "cpu":
             torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))  # as a run sets it
         torch.manual_seed(0)
-        model = prepare_model(cfg, self.accelerator)
+        model = prepare_model(cfg, self.accelerator, pretrained=False)
         optimizer, self.loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)
         self.augment_on = resolve_augment_on(cfg.data.augment_on, self.accelerator.device,
                                              bool(cfg.augment.workers_only()))
@@ -245,7 +245,8 @@ def measure_training(cfg: Config, train_set: SegmentationDataset, budget: Budget
     phases = phase_split(harness, budget.phase_steps)
     operators = top_operators(harness, budget.profile_steps)
     return {
-        "image_size": cfg.data.image_size, "base_channels": cfg.model.base_channels, "depth": cfg.model.depth,
+        "image_size": cfg.data.image_size, "model": describe(cfg.model), "base_channels": cfg.model.base_channels,
+        "depth": cfg.model.depth,
         "batch_size": cfg.train.batch_size, "steps": steps, **harness.settings(),
         "plain_fp32_nchw": _projection(plain), "harness": _projection(images / seconds),
         "harness_vs_plain": images / seconds / plain, "phase_split": phases, "top_operators": operators,

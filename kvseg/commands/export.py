@@ -5,7 +5,7 @@
     python export.py --checkpoint model.pt --output deploy/model.onnx --dynamic batch
 
 Writes RUN_DIR/model.onnx (and model_fp16.onnx / model_int8.onnx), each verified against PyTorch
-in ONNX Runtime before it is put in place, and RUN_DIR/export.json with the figures. Bad input ends
+in ONNX Runtime on the validation split before it is put in place, and RUN_DIR/export.json with the figures. Bad input ends
 with one line ``error: ...`` and exit status 2.
 """
 
@@ -36,10 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="ONNX file to write (default RUN_DIR/model.onnx)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--dynamic", choices=("all", "batch"), default="all",
-                        help="dynamic axes: all (batch, height, width in multiples of 2**depth; default) or batch only")
+                        help="dynamic axes: all (batch, height, width in multiples of the model's input multiple; default) "
+                             "or batch only")
     parser.add_argument("--fp16", action="store_true", help="also write a fp16 model (for GPUs)")
     parser.add_argument("--int8", action="store_true", help="also write a static-int8 QDQ model (for CPUs)")
-    parser.add_argument("--calibration-images", type=int, default=64, help="training images for int8 calibration")
+    parser.add_argument("--calibration-images", type=int, default=64,
+                        help="training images for int8 calibration, a seeded sample of the training split (default 64)")
+    parser.add_argument("--calibration-seed", type=int, default=0, help="the seed that draws them (default 0)")
     parser.add_argument("--data-dir", help="dataset folder, when it moved since training")
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check (not recommended)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -67,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = export_run(
         checkpoint, output, run_dir=run.path if run else None, opset=args.opset, dynamic_hw=args.dynamic == "all",
         precisions=precisions, verify=not args.no_verify, data_dir=args.data_dir,
-        calibration_images=args.calibration_images,
+        calibration_images=args.calibration_images, calibration_seed=args.calibration_seed,
     )
     if run is not None:
         write_json(run.export_report, report.to_json())

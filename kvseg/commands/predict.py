@@ -3,6 +3,7 @@
     python -m kvseg.predict --run RUN_DIR INPUTS... --out DIR [--tta] [--batch-size 8]
     python -m kvseg.predict --onnx model.onnx INPUTS... --out DIR [--runtime openvino]
     python -m kvseg.predict --onnx model_int8.onnx procedure.mp4 --out DIR [--save-masks] [--smooth 0.5]
+    python -m kvseg.predict --model realtime_cpu procedure.mp4 --out DIR --runtime openvino   # by recipe name
     kvseg predict --run RUN_DIR INPUTS... --out DIR
 
 INPUTS are image files or folders of them. For each image, ``<stem>_mask.png`` (0/255, at the
@@ -13,22 +14,27 @@ are listed and skipped; the command then ends with exit status 2, keeping everyt
 Images are read upright (their EXIF orientation applied), so a mask matches the image as viewers
 show it; hidden files in folders are left out; an image above Pillow's decompression-bomb limit is
 refused unless ``--max-pixels N`` allows it. Video files, camera numbers and stream URLs are
-segmented frame by frame (:mod:`kvseg.video.segment`).
+segmented frame by frame (:mod:`kvseg.video.segment`). ``--model NAME`` runs the newest run under
+``--runs-dir`` trained with the recipe ``configs/NAME.yaml`` (:mod:`kvseg.deploy.named`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from kvseg.deploy.named import named_predictor
 from kvseg.deploy.predict import collect_inputs, onnx_predictor, predict_files, torch_predictor
 from kvseg.errors import KvsegError
 from kvseg.video.io import VideoError
 from kvseg.video.pipeline import VideoOptions
 from kvseg.video.segment import predict_videos, split_inputs
+
+logger = logging.getLogger(__name__)
 
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,8 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run folder: uses its best checkpoint")
     source.add_argument("--onnx", help="a model written by export.py (needs no checkpoint)")
+    source.add_argument("--model", metavar="NAME",
+                        help="the model of recipe configs/NAME.yaml (e.g. realtime_cpu): the newest run of it under "
+                             "--runs-dir, its int8 or fp32 ONNX model where exported, else its checkpoint")
+    parser.add_argument("--runs-dir", default="runs", help="where --model looks for runs (default runs/)")
     parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                        help="what runs the --onnx model: ONNX Runtime (default) or OpenVINO (pip install -e \".[openvino]\")")
+                        help="what runs an ONNX model (--onnx, --model): ONNX Runtime (default) or OpenVINO "
+                             "(pip install -e \".[openvino]\")")
     parser.add_argument("inputs", nargs="+", help="image files or folders; video files, camera numbers, stream URLs")
     parser.add_argument("--out", required=True, help="folder for the masks and overlays")
     parser.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations/transposes")
@@ -84,14 +95,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     videos, args.inputs = split_inputs(args.inputs)
     options = video_options(args)
     if args.run and args.runtime != "onnxruntime":
-        raise KvsegError("--runtime applies to --onnx models; --run uses PyTorch")
-    predictor = torch_predictor(args.run) if args.run else onnx_predictor(args.onnx, args.runtime)
+        raise KvsegError("--runtime applies to --onnx and --model; --run uses PyTorch")
+    model = args.onnx or args.run
+    if args.model:
+        predictor, model = named_predictor(args.model, args.runs_dir, args.runtime)
+        logger.info(f"--model {args.model}: {model}")
+    else:
+        predictor = torch_predictor(args.run) if args.run else onnx_predictor(args.onnx, args.runtime)
     files, problems = collect_inputs(args.inputs)
     written, unreadable = predict_files(predictor, files, Path(args.out), tta=args.tta, batch_size=args.batch_size)
     if files or not videos:
         print(f"wrote {len(written)} files for {len(written) // 2} image(s) to {args.out}")
     problems += unreadable
     messages = [f"{len(problems)} input(s) skipped: " + "; ".join(problems)] if problems else []
-    messages += predict_videos(predictor, videos, Path(args.out), options, model=args.onnx or args.run)
+    messages += predict_videos(predictor, videos, Path(args.out), options, model=model)
     if messages:
         raise KvsegError("; ".join(messages))

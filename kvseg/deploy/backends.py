@@ -1,4 +1,4 @@
-"""Inference backends: the same U-Net run by PyTorch or ONNX Runtime, each as a logits function.
+"""Inference backends: the same model run by PyTorch, ONNX Runtime or OpenVINO, each as a logits function.
 
 Every backend is a :class:`~kvseg.evaluation.evaluate.LogitsFn` (so :func:`kvseg.evaluation.evaluate.evaluate` scores it)
 plus what the benchmark needs to time it:
@@ -146,11 +146,11 @@ def _load_provider(path: Path, provider: str, options: dict | None = None) -> or
     return session
 
 
-def ort_cpu_backend(name: str, path: Path) -> Backend:
-    """An exported model on ONNX Runtime's CPU provider, one thread per usable core."""
+def ort_cpu_backend(name: str, path: Path, threads: int | None = None) -> Backend:
+    """An exported model on ONNX Runtime's CPU provider, ``threads`` threads (default: one per usable core)."""
     if not path.is_file():
         raise Skipped(f"{path} not found")
-    threads = usable_cores()
+    threads = threads or usable_cores()
     session = onnx_session(path, threads=threads)
     return Backend(name, onnx_logits(session), lambda images: lambda: session.run(["logits"], {"image": images}),
                    "cpu", "CPUExecutionProvider", notes=[f"{threads} threads, ORT_ENABLE_ALL"])
@@ -185,8 +185,8 @@ def ort_gpu_backend(name: str, path: Path, provider: str, options: dict | None =
     return Backend(name, onnx_logits(session), timed, "cuda", provider, notes=["I/O binding"], copy_seconds=copy_seconds)
 
 
-def openvino_backend(name: str, path: Path, precision: str) -> Backend:
-    """An exported model on OpenVINO's CPU plugin, latency mode, one thread per usable core.
+def openvino_backend(name: str, path: Path, precision: str, threads: int | None = None) -> Backend:
+    """An exported model on OpenVINO's CPU plugin, latency mode, ``threads`` threads (default: one per usable core).
 
     ``precision`` is OpenVINO's inference precision hint, ``"f32"`` or ``"bf16"`` (for a QDQ int8
     model ``"f32"``: its quantised layers run in int8 either way).
@@ -211,7 +211,7 @@ def openvino_backend(name: str, path: Path, precision: str) -> Backend:
     capabilities = core.get_property("CPU", props.device.capabilities)
     if precision == "bf16" and "BF16" not in capabilities:
         raise Skipped(f"OpenVINO lists no bf16 on this CPU (capabilities: {', '.join(capabilities)})")
-    threads = usable_cores()
+    threads = threads or usable_cores()
     compiled = core.compile_model(str(path), "CPU", {
         hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
         hints.performance_mode: hints.PerformanceMode.LATENCY,
@@ -230,8 +230,11 @@ def openvino_backend(name: str, path: Path, precision: str) -> Backend:
                    notes=[f"{threads} threads, inference precision {precision}, LATENCY hint"])
 
 
-def build_backend(name: str, model: nn.Module, models: Callable[[str], Path]) -> Backend:
+def build_backend(name: str, model: nn.Module, models: Callable[[str], Path], threads: int | None = None) -> Backend:
     """The backend called ``name``; ``models(precision)`` gives the ONNX file of a precision.
+
+    ``threads`` sets the CPU threads of the ONNX Runtime and OpenVINO CPU backends (default: one per
+    usable core); PyTorch's are ``torch.set_num_threads``'s.
 
     Raises:
         Skipped: it cannot run here.
@@ -241,9 +244,9 @@ def build_backend(name: str, model: nn.Module, models: Callable[[str], Path]) ->
     if name in ("torch-fp32", "torch-fast"):
         return torch_backend(model, fast=name == "torch-fast", device=device)
     if name in ("ort-fp32", "ort-int8"):
-        return ort_cpu_backend(name, models(MODEL_PRECISION[name]))
+        return ort_cpu_backend(name, models(MODEL_PRECISION[name]), threads)
     if name in ("ov-fp32", "ov-bf16", "ov-int8"):
-        return openvino_backend(name, models(MODEL_PRECISION[name]), "bf16" if name == "ov-bf16" else "f32")
+        return openvino_backend(name, models(MODEL_PRECISION[name]), "bf16" if name == "ov-bf16" else "f32", threads)
     if name in ("ort-cuda-fp32", "ort-cuda-fp16"):
         return ort_gpu_backend(name, models(MODEL_PRECISION[name]), "CUDAExecutionProvider")
     if name == "ort-tensorrt":

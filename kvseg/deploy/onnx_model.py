@@ -1,8 +1,9 @@
 """An exported kvseg model: the ONNX graph, its metadata, and reading them back.
 
 Every model takes ``image`` float32 (B, 3, H, W), normalised as in training, and returns ``logits``
-float32 (B, 1, H, W). Its metadata properties (``kvseg.*``) hold the image size, normalisation,
-threshold, U-Net shape, opset, kvseg version, training config and metrics, so a deployment needs
+float32 (B, 1, H, W). Its metadata properties (``kvseg.*``) hold the image size, input multiple,
+normalisation, threshold, the model (``arch`` and its family's fields), opset, kvseg version,
+training config and metrics, so a deployment needs
 only the file: :func:`read_metadata` reads them back. Verification and quantisation are in
 :mod:`kvseg.deploy.export` and :mod:`kvseg.deploy.quantize`.
 """
@@ -24,6 +25,7 @@ from torch import nn
 import kvseg
 from kvseg.config import Config
 from kvseg.errors import KvsegError
+from kvseg.models.build import describe, family_of, input_multiple
 from kvseg.runs.checkpoint import threshold_of
 
 DEFAULT_OPSET = 18
@@ -73,19 +75,19 @@ def _name_dynamic_axes(model: onnx.ModelProto, dynamic_hw: bool) -> None:
 
 
 def export_model(
-    model: nn.Module, path: Path, image_size: int, depth: int, opset: int = DEFAULT_OPSET, dynamic_hw: bool = True
+    model: nn.Module, path: Path, image_size: int, multiple: int, opset: int = DEFAULT_OPSET, dynamic_hw: bool = True
 ) -> None:
     """Export ``model`` to ``path`` with the dynamo exporter; batch always dynamic, H/W optionally.
 
-    Dynamic height and width are multiples of ``2**depth``, the only sizes the U-Net accepts. The
-    sample has batch 2: torch.export takes a dimension of size 0 or 1 in the sample for a constant,
-    and some torch releases (2.7 among them) then write a graph fixed at batch 1, which verification refuses.
+    Dynamic height and width are multiples of ``multiple`` (the model's ``input_multiple``), the only
+    sizes the model accepts. The sample has batch 2: torch.export takes a dimension of size 0 or 1 in
+    the sample for a constant, and some torch releases (2.7 among them) then write a graph fixed at
+    batch 1, which verification refuses.
     """
     sample = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     axes: dict[int, object] = {0: batch}
     if dynamic_hw:
-        multiple = 2**depth
         axes[2] = multiple * torch.export.Dim("height_blocks", min=1, max=8192 // multiple)
         axes[3] = multiple * torch.export.Dim("width_blocks", min=1, max=8192 // multiple)
     with quiet():
@@ -109,18 +111,26 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 
 def metadata_for(cfg: Config, payload: dict, precision: str, opset: int) -> dict[str, str]:
-    """The ``kvseg.*`` metadata properties written into every exported model."""
+    """The ``kvseg.*`` metadata properties written into every exported model.
+
+    ``mean`` / ``std`` are the run's normalisation (an smp encoder's own where its weights set it);
+    the model is named by ``arch`` and ``model`` (in words), with the fields its family reads.
+    """
+    family = family_of(cfg.model.arch)
+    shape = ({"base_channels": cfg.model.base_channels, "depth": cfg.model.depth, "upsample": cfg.model.upsample}
+             if family == "unet" else
+             {"encoder": cfg.model.encoder, "encoder_weights": cfg.model.encoder_weights} if family == "smp" else {})
     values = {
         "opset": opset,
         "image_size": cfg.data.image_size,
-        "input_multiple": 2**cfg.model.depth,
+        "input_multiple": input_multiple(cfg.model),
         "mean": cfg.augment.mean,
         "std": cfg.augment.std,
         "max_pixel_value": 255.0,
         "threshold": threshold_of(payload),
-        "base_channels": cfg.model.base_channels,
-        "depth": cfg.model.depth,
-        "upsample": cfg.model.upsample,
+        "arch": cfg.model.arch,
+        "model": describe(cfg.model),
+        **shape,
         "precision": precision,
         "version": kvseg.__version__,
         "epoch": payload.get("epoch"),
@@ -135,7 +145,8 @@ def write_metadata(path: Path, properties: dict[str, str]) -> None:
     del model.metadata_props[:]
     for key, value in properties.items():
         model.metadata_props.add(key=key, value=value)
-    model.doc_string = "kvseg U-Net: image (B,3,H,W) float32 normalised -> logits (B,1,H,W); see kvseg.* metadata"
+    name = json.loads(properties["kvseg.model"]) if "kvseg.model" in properties else "model"
+    model.doc_string = f"kvseg {name}: image (B,3,H,W) float32 normalised -> logits (B,1,H,W); see kvseg.* metadata"
     onnx.save(model, str(path))
 
 

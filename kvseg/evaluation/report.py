@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from kvseg.config import config_to_dict
+from kvseg.config import ModelConfig, config_to_dict
 from kvseg.data.dataset import SegmentationDataset
 from kvseg.evaluation.datasets import eval_datasets
 from kvseg.evaluation.evaluate import evaluate, torch_logits
@@ -32,8 +33,8 @@ from kvseg.evaluation.plots import (
 )
 from kvseg.evaluation.tta import DIHEDRAL
 from kvseg.files import write_text
+from kvseg.models.build import describe
 from kvseg.models.losses import build_loss
-from kvseg.models.unet import UNet
 from kvseg.runs.checkpoint import threshold_of
 from kvseg.runs.folder import RunDir
 
@@ -59,26 +60,33 @@ def _model_input(dataset: SegmentationDataset, image: np.ndarray, mask: np.ndarr
     return dataset.transform(image=image, mask=mask)["image"][None]
 
 
-def _predicted(model: UNet, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
+def _predicted(model: nn.Module, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
     image, mask = dataset.load(index)
     tensor = _model_input(dataset, image, mask)
     predicted = (torch.sigmoid(torch_logits(model)(tensor))[0, 0] > threshold).numpy()
     return {"image": image, "truth": mask.astype(bool), "predicted": predicted, "iou": _iou(mask.astype(bool), predicted)}
 
 
-def feature_maps(model: UNet, image: torch.Tensor) -> dict[str, np.ndarray]:
-    """Activations of every encoder level, the bottleneck and every decoder level for one image."""
-    layers = {"encoder 0 (stem)": model.stem}
-    for level, down in enumerate(model.downs[:-1], start=1):
-        layers[f"encoder {level}"] = down
-    layers["bottleneck"] = model.downs[-1]
-    for level, up in zip(range(model.depth - 1, -1, -1), model.ups):
-        layers[f"decoder {level}"] = up
+def feature_maps(model: nn.Module, image: torch.Tensor) -> dict[str, np.ndarray]:
+    """Activations (C, h, w) float32 of each layer the model names in ``stages()`` (in that order) for one image
+    (3, H, W).
+
+    A stage that returns a list of feature maps (an smp encoder: one per stride) gives one entry per map
+    that has more than one pixel, the input image itself left out.
+    """
     maps: dict[str, np.ndarray] = {}
-    handles = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: maps.__setitem__(name, out[0].float().numpy()))
-        for name, module in layers.items()
-    ]
+
+    def record(name: str, inputs: tuple, out: torch.Tensor | list | tuple) -> None:
+        if isinstance(out, torch.Tensor):
+            maps[name] = out[0].float().numpy()
+            return
+        for index, tensor in enumerate(out):
+            if isinstance(tensor, torch.Tensor) and tensor.ndim == 4 and tensor is not inputs[0] and (
+                    tensor.shape[-1] * tensor.shape[-2] > 1 and tensor.shape[1] > 0):
+                maps[f"{name} {index} (1/{image.shape[-1] // tensor.shape[-1]})"] = tensor[0].float().numpy()
+
+    handles = [module.register_forward_hook(lambda _m, inputs, out, name=name: record(name, inputs, out))
+               for name, module in model.stages().items()]
     try:
         torch_logits(model)(image[None])
     finally:
@@ -87,7 +95,7 @@ def feature_maps(model: UNet, image: torch.Tensor) -> dict[str, np.ndarray]:
     return maps
 
 
-def augmentation_panel(model: UNet, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
+def augmentation_panel(model: nn.Module, dataset: SegmentationDataset, index: int, threshold: float) -> dict:
     """One test image under each of :data:`AUGMENTATION_VERSIONS`, predictions mapped back."""
     image, mask = dataset.load(index)
     tensor = _model_input(dataset, image, mask)
@@ -149,7 +157,7 @@ def write_index(run_dir: Path, metrics: dict, config: dict, environment: dict | 
     model, data, train = config["model"], config["data"], config["train"]
     test = metrics["test"]
     facts = [
-        f"U-Net base {model['base_channels']}, depth {model['depth']}, {model['upsample']} upsampling",
+        describe(ModelConfig(**model)),
         f"{data['image_size']}x{data['image_size']} px, data {html.escape(str(data['root']))}",
         f"{metrics.get('epochs_trained', train['epochs'])} of {train['epochs']} epochs, batch {train['batch_size']} "
         f"per process, {train['optimizer']} lr {train['lr']} ({train['scheduler']}), loss {train['loss']}",

@@ -64,6 +64,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 3, base_channels: int = 16, depth: int = 4, upsample: str = "transpose") -> None:
         super().__init__()
         self.depth = depth
+        self.input_multiple = 2**depth
         widths = [base_channels * 2**level for level in range(depth + 1)]
         self.stem = DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
@@ -79,6 +80,16 @@ class UNet(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
+    def stages(self) -> dict[str, nn.Module]:
+        """The named layers whose outputs the report shows: every encoder level, the bottleneck, every decoder level."""
+        layers: dict[str, nn.Module] = {"encoder 0 (stem)": self.stem}
+        for level, down in enumerate(self.downs[:-1], start=1):
+            layers[f"encoder {level}"] = down
+        layers["bottleneck"] = self.downs[-1]
+        for level, up in zip(range(self.depth - 1, -1, -1), self.ups):
+            layers[f"decoder {level}"] = up
+        return layers
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             self.check_input(x)
@@ -92,5 +103,6 @@ class UNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> UNet:
-    """The U-Net described by ``cfg``."""
+    """The U-Net described by ``cfg`` (its ``base_channels``, ``depth`` and ``upsample``); every ``model.arch`` is
+    built by :func:`kvseg.models.build.build_model`."""
     return UNet(base_channels=cfg.base_channels, depth=cfg.depth, upsample=cfg.upsample)

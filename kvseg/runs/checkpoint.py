@@ -15,7 +15,7 @@ import kvseg
 from kvseg.config import Config, config_from_dict, config_to_dict
 from kvseg.errors import CheckpointError
 from kvseg.files import json_safe, replacing
-from kvseg.models.unet import UNet, build_model
+from kvseg.models.build import build_model, describe
 
 CHECKPOINT_FORMAT = "kvseg-checkpoint-1"
 
@@ -71,8 +71,14 @@ def load_model_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def load_trained_model(checkpoint: str | Path) -> tuple[UNet, Config, dict]:
-    """The fp32 U-Net of a kvseg checkpoint in eval mode, its config, and the checkpoint's payload."""
+def load_trained_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, dict]:
+    """The fp32 model of a kvseg checkpoint in eval mode (built by :func:`kvseg.models.build.build_model` from
+    its config's ``model``), its config, and the checkpoint's payload.
+
+    Raises:
+        CheckpointError: the file is missing or not a kvseg checkpoint, or its weights do not fit the model.
+        ConfigError: the checkpoint's model cannot be built here (an ``smp.*`` model without smp installed).
+    """
     payload = load_model_checkpoint(checkpoint)
     cfg = config_from_dict(payload["config"])
     model = build_model(cfg.model)
@@ -80,6 +86,7 @@ def load_trained_model(checkpoint: str | Path) -> tuple[UNet, Config, dict]:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{checkpoint}: weights do not fit the U-Net its config describes ({str(exc).splitlines()[0]})"
+            f"{checkpoint}: weights do not fit the {describe(cfg.model)} its config describes "
+            f"({str(exc).splitlines()[0]})"
         ) from None
     return model.eval(), cfg, payload

@@ -30,8 +30,8 @@ from kvseg.data.splits import Split, resolve_split
 from kvseg.data.synthetic import resolve_data_root
 from kvseg.errors import CheckpointError, ConfigError
 from kvseg.evaluation.evaluate import LogitsFn, torch_logits
+from kvseg.models.build import build_model, check_model_config
 from kvseg.models.losses import build_loss
-from kvseg.models.unet import build_model
 from kvseg.runs.folder import Progress, RunDir, create_run, open_run
 from kvseg.runtime import (
     configure_gpu_math,
@@ -94,7 +94,7 @@ def build_training(cfg: Config, split: Split, accelerator: Accelerator) -> Train
                                                       device_placement=[True, True] + [not on_device] * len(loaders))
     loaders = dict(zip(loaders, prepared))
     scheduler = build_scheduler(optimizer, cfg.train, math.ceil(len(loaders["train"]) / cfg.train.grad_accum_steps))
-    plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # the U-Net itself: what is averaged and saved
+    plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # the model itself: what is averaged and saved
     ema = build_ema(plain, cfg.train)
     for stateful in (scheduler, ema):
         if stateful is not None:
@@ -158,10 +158,12 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run: RunDir) -> None:
                               init_kwargs={"mlflow": {"logging_dir": str(run.logs / "mlruns"), "run_name": run.path.name}})
 
 
-def prepare_model(cfg: Config, accelerator: Accelerator) -> torch.nn.Module:
-    """The U-Net of ``cfg``, with SyncBatchNorm under multi-GPU DDP (``train.sync_batchnorm``), channels_last,
-    and compiled by ``torch.compile`` when ``train.compile`` is on."""
-    model: torch.nn.Module = build_model(cfg.model)
+def prepare_model(cfg: Config, accelerator: Accelerator, pretrained: bool = True) -> torch.nn.Module:
+    """The model of ``cfg`` (``model.arch``), with SyncBatchNorm under multi-GPU DDP (``train.sync_batchnorm``),
+    channels_last, and compiled by ``torch.compile`` when ``train.compile`` is on.
+
+    ``pretrained``: an smp encoder starts from ``model.encoder_weights`` (off for speed measurements)."""
+    model: torch.nn.Module = build_model(cfg.model, pretrained=pretrained)
     sync = cfg.train.sync_batchnorm
     if sync == "on" or (sync == "auto" and accelerator.num_processes > 1 and accelerator.device.type == "cuda"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -188,8 +190,9 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
 
     A new run resolves the data folder first (writing the synthetic stand-in when needed), records
     it in ``cfg.data.root`` and writes the config, split and environment. The state folder is None
-    for a new run.
+    for a new run. The model's own checks (:func:`kvseg.models.build.check_model_config`) come first.
     """
+    check_model_config(cfg)
     if options.resume:
         run = open_run(options.resume)
         resume_config(run, cfg)
