@@ -80,7 +80,8 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace) -> di
     finished = history.exists() and (run_dir / "metrics.json").exists()
     if finished:
         done = load_config(run_dir / "config.yaml")
-        asked = load_config(args.config, [*overrides, f"train.epochs={args.epochs}"])
+        # as train_ddp.py --epochs N makes it: N epochs, the default time budget off
+        asked = load_config(args.config, [*overrides, f"train.epochs={args.epochs}", "train.budget_minutes=0"])
         same = (done.train.epochs == args.epochs and Path(done.data.root).resolve() == Path(args.data_dir).resolve()
                 and {k: v for k, v in asdict(done).items() if k not in ("data", "output_dir", "run_name", "eval")}
                 == {k: v for k, v in asdict(asked).items() if k not in ("data", "output_dir", "run_name", "eval")})

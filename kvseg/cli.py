@@ -1,8 +1,9 @@
 """What every kvseg command shares: messages through :mod:`logging`, user errors as one line and exit status 2.
 
 Library modules log through ``logging.getLogger(__name__)``; :func:`configure_logging` sends
-those messages, as plain lines, to standard output of the main process (rank 0 of a launch), so a
-run of eight processes prints each line once. Warnings and errors of any rank go to standard error.
+those messages, as plain lines, to standard output of each machine's main process (local rank 0), so a
+run of eight processes on one machine prints each line once and every machine's terminal shows its own
+log. Warnings and errors of any rank go to standard error.
 """
 
 from __future__ import annotations
@@ -37,15 +38,22 @@ class _CurrentStream(logging.StreamHandler):
         pass
 
 
+def is_local_main() -> bool:
+    """True in the main process of this machine: ``LOCAL_RANK`` 0 (``RANK`` 0 where only that is set; true when
+    neither is)."""
+    local = os.environ.get("LOCAL_RANK")
+    return local.strip() in ("", "0") if local is not None else is_main_rank()
+
+
 class _MainRankInfo(logging.Filter):
-    """Lets INFO and DEBUG through on the main rank only."""
+    """Lets INFO and DEBUG through in each machine's main process only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.WARNING and is_main_rank()
+        return record.levelno < logging.WARNING and is_local_main()
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Print kvseg's messages as the commands do: INFO lines on stdout (main rank), warnings on stderr (every rank).
+    """Print kvseg's messages as the commands do: INFO lines on stdout (local main process), warnings on stderr (every rank).
 
     Idempotent: calling it again replaces the handlers it installed before.
     """
