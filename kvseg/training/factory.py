@@ -2,7 +2,7 @@
 
 :func:`start_run` opens a new or resumed run folder; :func:`build_training` builds the model,
 optimizer, schedule, weight average, loss and loaders from the config, each by its own factory,
-and prepares them with ``accelerate``; :mod:`kvseg.training.train` runs the loop over what they return.
+and prepares them with ``accelerate``; :mod:`kvseg.training.run` runs the loop over what they return.
 """
 
 from __future__ import annotations

@@ -1,40 +1,28 @@
-"""Training with accelerate: the epoch loop and the run around it.
+"""One epoch of training with accelerate: :func:`train_one_epoch`, and what it returns.
 
 ``Accelerator`` does device placement, DDP, mixed precision and gradient accumulation; every piece
-of rank logic goes through it. One epoch is :func:`train_one_epoch`; scoring is
-:func:`kvseg.evaluation.evaluate.evaluate`; :func:`run_training` reads top to bottom: set up, build, loop, finish.
+of rank logic goes through it. Scoring is :func:`kvseg.evaluation.evaluate.evaluate`; the run around
+the epochs is :func:`kvseg.training.run.run_training`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from functools import partial
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from kvseg.config import Config
 from kvseg.errors import KvsegError
-from kvseg.evaluation.evaluate import EvalResult, evaluate, tune_threshold
-from kvseg.runs.checkpoint import load_model_checkpoint, set_threshold
 from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
-from kvseg.training.distributed import check_process_group
-from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
 from kvseg.training.optim import ProgressSchedule
-from kvseg.training.saver import CheckpointSaver
 from kvseg.training.stopping import Control
-
-logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(KvsegError):
@@ -183,144 +171,3 @@ def check_finite(stats: EpochStats, epoch: int, run: RunDir, progress: RunProgre
             else "no epoch completed, nothing was saved")
     raise NonFiniteLossError(f"epoch {epoch}: training loss is {stats.loss}; stopped ({kept}); "
                              "try a lower train.lr or --mixed-precision no")
-
-
-def history_record(epoch: int, stats: EpochStats, result: EvalResult | None, best: bool) -> dict:
-    """One row of history.json (validation scores where the epoch was evaluated)."""
-    return {"epoch": epoch, "train_loss": stats.loss, "val_loss": result.loss if result else None,
-            "val_iou": result.per_image.iou if result else None, "val_dice": result.per_image.dice if result else None,
-            "best": best, "seconds": stats.seconds, "images_per_s": stats.images_per_s, "lr": stats.lr}
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
-def run_training(cfg: Config, options: RunOptions) -> Path:
-    """Train ``cfg`` end to end and return the run folder; see the README for what it holds."""
-    accelerator = build_accelerator(cfg, options.mixed_precision)
-    check_process_group(accelerator.num_processes)
-    run, split, progress, state = start_run(cfg, options, accelerator)
-    set_seed(cfg.train.seed)
-    training = build_training(cfg, split, accelerator)
-    if state is not None:
-        load_state(accelerator, state, progress)
-    saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
-                            cfg.train.keep_every)
-    score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
-                    gather=accelerator.gather_for_metrics)
-    control = build_control(cfg, training, accelerator, progress)
-    epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
-    epoch = progress.epoch
-    with control.clock.running():  # the budget counts training and validation, not start-up or the final evaluation
-        while not (progress.stopped_early or progress.stop_reason or control.progress >= 1.0
-                   or (epochs is not None and epoch >= epochs)):
-            epoch += 1
-            run_epoch(epoch, cfg, training, score, saver, accelerator, control)
-        if progress.stopped_early:
-            logger.info(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
-                        f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
-    if progress.stop_reason in ("budget", "steps"):
-        used = control.clock.seconds / 60
-        logger.info(f"Stopped after {control.steps} steps in {progress.epoch} epoch(s): "
-                    + (f"budget of {cfg.train.budget_minutes:.3g} min spent ({used:.2f} min)" if progress.stop_reason
-                       == "budget" else f"step limit {control.total_steps} reached ({used:.2f} min)"))
-    finish_run(cfg, training, score, saver, accelerator, control)
-    accelerator.end_training()
-    return run.path
-
-
-def build_control(cfg: Config, training: Training, accelerator: Accelerator, progress: RunProgress) -> Control:
-    """The run's stop rule and progress: ``train.max_steps`` or the epochs' steps, and ``train.budget_minutes``.
-
-    A resumed run continues from the steps and budget seconds its progress recorded.
-    """
-    steps_per_epoch = math.ceil(len(training.loaders["train"]) / cfg.train.grad_accum_steps)
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    budget = 60.0 * cfg.train.budget_minutes if cfg.train.budget_minutes > 0 else None
-    return Control(accelerator, total, budget, steps=progress.control.get("steps", 0),
-                   seconds_used=progress.control.get("seconds_used", 0.0))
-
-
-def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
-              control: Control) -> None:
-    """Train one epoch (or until ``control`` stops it), validate when due, write the checkpoints, history
-    and training state of ``epoch``. The last epoch, stopped or not, is always validated."""
-    run, progress, epochs = saver.run, saver.progress, cfg.train.epochs
-    training.loaders["train"].set_epoch(epoch)
-    training.datasets["train"].set_epoch(epoch)
-    of = f"/{epochs}" if not cfg.train.max_steps and not cfg.train.budget_minutes else ""
-    stats = train_one_epoch(training.model, training.loaders["train"], training.optimizer, training.loss_fn, accelerator,
-                            cfg.train.channels_last, f"epoch {epoch}{of}", scheduler=training.scheduler,
-                            ema=training.ema, control=control)
-    check_finite(stats, epoch, run, progress)
-    logger.info(stats.line(epoch, epochs, control.progress if not of else None))
-    last = control.stopped or (not cfg.train.max_steps and epoch == epochs)
-    due = "val" in training.loaders and (last or epoch % cfg.train.eval_every == 0)
-    started = time.perf_counter()
-    result = score(training.logits, training.loaders["val"]) if due else None
-    validation_seconds = time.perf_counter() - started
-    if due:
-        control.reserve = validation_seconds  # the final validation must fit in the budget too
-    progress.epoch = epoch
-    progress.stop_reason = control.reason
-    progress.control = control.state()
-    best = saver.save(training.weights, cfg, epoch, result, write=accelerator.is_main_process)
-    if result is not None:
-        logger.info(f"Validation {result.line()}{' (best so far)' if best else ''}")
-    progress.history.append({**history_record(epoch, stats, result, best), "val_seconds": validation_seconds,
-                             "steps": control.steps, "progress": control.progress,
-                             "budget_seconds_used": control.clock.seconds})
-    accelerator.log({k: v for k, v in progress.history[-1].items() if isinstance(v, float)}, step=epoch)
-    progress.stopped_early = not saver.patience_left(cfg.train.early_stopping_patience, cfg.train.eval_every)
-    if accelerator.is_main_process:
-        run.write_history(progress.history)
-    run.save_state(accelerator, progress)
-
-
-def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
-               control: Control) -> None:
-    """Load the selected weights, tune the threshold on validation (optional), then score the test split once.
-
-    Writes metrics.json and per_image.csv (the figures and index.html are :mod:`kvseg.evaluation.report`'s,
-    written by the command after training). The test split is evaluated here and nowhere
-    else, with the weights and threshold that validation chose.
-    """
-    run, loaders, scored = saver.run, training.loaders, training.logits
-    accelerator.wait_for_everyone()
-    selected = [load_model_checkpoint(run.best)["model"] if accelerator.is_main_process else None]
-    broadcast_object_list(selected)  # other machines may not see the main machine's files
-    training.weights.load_state_dict(selected[0])
-    threshold, tuning = cfg.train.threshold, None
-    if cfg.eval.tune_threshold and "val" in loaders:
-        choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, gather=accelerator.gather_for_metrics)
-        threshold, tuning = choice.value, asdict(choice)
-        logger.info(f"Threshold {threshold} (tuned on validation: per-image Dice {max(choice.dice):.4f})")
-        if accelerator.is_main_process:
-            set_threshold(run.best, threshold, tuning)
-    selection = saver.selection()
-    logger.info(f"Selected epoch {selection['epoch']}"
-                      + (f" (validation {selection['metric']} {selection['score']:.4f})" if selection["split"] else
-                         " (no validation split: the last epoch)"))
-    results = {name: score(scored, loaders[name], threshold=threshold) for name in ("val", "test") if name in loaders}
-    logger.info(f"Test {results['test'].line()}")
-    metrics = {"epoch": selection["epoch"], "epochs_trained": saver.progress.epoch,
-               "stopped_early": saver.progress.stopped_early, "selection": selection,
-               "training": {"steps": control.steps, "epochs": saver.progress.epoch, "stop_reason": saver.progress.stop_reason,
-                            "budget_minutes": cfg.train.budget_minutes or None, "minutes_used": control.clock.seconds / 60},
-               "threshold": {"value": threshold, "tuned_on": "validation" if tuning else None, **(tuning or {})},
-               **{("validation" if name == "val" else name): _without_rows(result) for name, result in results.items()}}
-    if cfg.eval.tta:
-        tta = score(scored, loaders["test"], threshold=threshold, tta=cfg.eval.tta)
-        logger.info(f"With TTA ({len(cfg.eval.tta)} transforms): Test {tta.line()}")
-        metrics["test_tta"] = _without_rows(tta)
-    if accelerator.is_main_process:
-        run.write_metrics(metrics)
-        run.write_per_image([{**asdict(row), "split": "validation" if name == "val" else name}
-                             for name, result in results.items() for row in result.images])
-    accelerator.log({f"test_{k}": v for k, v in asdict(results["test"].per_image).items()}, step=saver.progress.epoch)
-
-
-def _without_rows(result: EvalResult) -> dict:
-    """An evaluation for metrics.json: its per-image rows go to per_image.csv instead."""
-    return {k: v for k, v in result.to_json().items() if k != "images"}
