@@ -23,8 +23,8 @@ from kvseg.errors import ConfigError
 from kvseg.evaluation.report import write_report
 from kvseg.runs.folder import open_run
 from kvseg.training.factory import RunOptions
-from kvseg.training.stopping import parse_duration
 from kvseg.training.run import run_training
+from kvseg.training.stopping import parse_duration
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from kvseg.config import Config, config_to_yaml
 from kvseg.data.folder import find_samples
 from kvseg.data.splits import Split, resolve_split, write_split
 from kvseg.errors import CheckpointError
-from kvseg.files import json_safe, write_json, write_text
+from kvseg.files import json_safe, replace_folder, write_json, write_text, writing_folder
 from kvseg.runs.checkpoint import load_trained_model
 
 PER_IMAGE_COLUMNS = ("id", "split", "iou", "dice", "loss", "true_fraction", "predicted_fraction")
@@ -116,23 +116,28 @@ class RunDir:
         return state, Progress(**json.loads((state / "progress.json").read_text()))
 
     def save_state(self, accelerator: Accelerator, progress: Progress) -> None:
-        """``save_state`` into a fresh folder, then swap it in: a crash leaves the previous state whole.
+        """``save_state`` into a fresh folder, flushed to disk, then swapped in: a crash, a kill or a full
+        disk leaves the previous state whole.
 
         Every machine that keeps a copy of the run (:meth:`keeps_copy`) swaps its own folder.
+
+        Raises:
+            WriteError: a file of the state could not be written or flushed (disk full, I/O error); the
+                half-written folder is removed and the previous ``checkpoints/state`` is intact.
         """
-        tmp, current, old = (self.checkpoints / name for name in ("state.tmp", "state", "state.old"))
-        if self.keeps_copy(accelerator):
+        tmp, current = self.checkpoints / "state.tmp", self.checkpoints / "state"
+        writes = self.keeps_copy(accelerator)
+        kept = "the previous state in checkpoints/state is kept" if current.is_dir() else "no state was saved before"
+        if writes:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        with writing_folder(tmp, "the training state", kept, remove=writes):
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
-        if self.keeps_copy(accelerator):
-            write_json(tmp / "progress.json", json_safe(asdict(progress)))
-            shutil.rmtree(old, ignore_errors=True)
-            if current.exists():
-                current.rename(old)
-            tmp.rename(current)
-            shutil.rmtree(old, ignore_errors=True)
+        if writes:
+            with writing_folder(tmp, "the training state", kept):
+                write_json(tmp / "progress.json", json_safe(asdict(progress)))
+                replace_folder(tmp, current)  # a crash in between leaves state.old, which state_dir falls back to
         accelerator.wait_for_everyone()
 
     def claim(self, accelerator: Accelerator) -> None:
