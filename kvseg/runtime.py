@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import signal
 import subprocess
 import sys
 from importlib import metadata
@@ -93,6 +94,19 @@ def single_threaded_opencv() -> None:
     starts the harness's workers. ``cv2.setNumThreads(0)`` in the parent is the usual remedy.
     """
     cv2.setNumThreads(0)
+
+
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGUSR1.
+
+    Schedulers signal every process of a job (SLURM; torchrun signals each training process's whole
+    process group), workers included. The training process answers by finishing its step and saving
+    (:mod:`kvseg.training.stopping`); a worker that died of the signal instead (PyTorch's worker
+    handler lets SIGTERM from anyone but its parent kill it) would fail that step first. Workers
+    still end with their parent, on its shutdown or its death.
+    """
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def _cpu_model() -> str:

@@ -4,11 +4,14 @@
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train_ddp.py --epochs 2
     accelerate launch --config_file configs/accelerate/gpu_all_bf16.yaml train_ddp.py --config configs/gpu_h100.yaml
     accelerate launch train_ddp.py --resume runs/20260101-120000
+    accelerate launch train_ddp.py --run-name nightly --resume auto     # continue runs/nightly, or start it
 
 With no dataset at data.root (``data/kvasir-instrument``) and no --data-dir, the synthetic stand-in
 is written to ``data/synthetic-kvasir-instrument`` and used. After training, the main process
 writes the run's figures and index.html (:func:`kvseg.evaluation.report.write_report`). Bad input
-ends with one line ``error: ...`` and exit status 2 (``--debug`` shows the traceback).
+ends with one line ``error: ...`` and exit status 2 (``--debug`` shows the traceback); SIGUSR1 or
+SIGTERM (preemption) with one line ``preempted: ...`` and exit status 75 once the resume state is
+saved (:mod:`kvseg.training.stopping`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from kvseg.cli import is_main_rank
-from kvseg.config import load_config
+from kvseg.config import Config, load_config
 from kvseg.errors import ConfigError
 from kvseg.evaluation.report import write_report
-from kvseg.runs.folder import open_run
+from kvseg.runs.folder import RunDir, open_run
 from kvseg.training.factory import RunOptions
 from kvseg.training.run import run_training
 from kvseg.training.stopping import parse_duration
@@ -57,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--num-workers", type=int, help="DataLoader worker processes per training process")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last completed epoch")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last saved state (an epoch's end, or the step a "
+                             "preemption stopped at); auto: the run folder --output-dir/--run-name when it holds one, "
+                             "else start it there (what a requeued or restarted job runs)")
     parser.add_argument(
         "--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
         help="auto: the launcher's setting, or bf16 on a CPU with native bf16 (default)",
@@ -69,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resumable_run(cfg: Config) -> str | None:
+    """``--resume auto``: the run folder ``output_dir/run_name`` when it holds a state to resume from, else None
+    (a new run is started there).
+
+    Raises:
+        ConfigError: there is no run name: an automatic resume needs a folder that every attempt names alike.
+    """
+    if not cfg.run_name:
+        raise ConfigError("--resume auto needs --run-name (or run_name in the config): the run folder it continues, "
+                          "or starts when that holds no saved state")
+    run = RunDir(Path(cfg.output_dir) / cfg.run_name)
+    if run.has_state():
+        return str(run)
+    logger.info(f"--resume auto: {run} holds no saved state; starting the run there")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
@@ -77,11 +101,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             overrides.append(f"train.budget_minutes={parse_duration(args.budget)}")
         except ValueError as exc:
             raise ConfigError(f"--budget: {exc}") from None
-    config_file = args.config
-    if args.resume:
-        config_file = open_run(args.resume).config
-    cfg = load_config(config_file, overrides + args.set)
-    options = RunOptions(data_dir_given=args.data_dir is not None, resume=args.resume, mixed_precision=args.mixed_precision)
+    resume = args.resume
+    if resume == "auto":
+        resume = resumable_run(load_config(args.config, overrides + args.set))
+    # A resumed run starts from its own config.yaml; the flags and --set change it (kvseg.training.factory.resume_config)
+    cfg = load_config(open_run(resume).config if resume else args.config, overrides + args.set)
+    options = RunOptions(data_dir_given=args.data_dir is not None, resume=resume, mixed_precision=args.mixed_precision)
     run = run_training(cfg, options)
     if is_main_rank():
         write_report(run)

@@ -27,7 +27,7 @@ from kvseg.data.folder import Sample
 from kvseg.data.masks import MaskEncoding
 from kvseg.data.preprocessed import CacheUnavailable, PreprocessedFrames, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.errors import EmptyDatasetError
-from kvseg.runtime import default_num_workers, single_threaded_opencv
+from kvseg.runtime import default_num_workers, single_threaded_opencv, worker_ignores_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def build_dataloaders(cfg: Config, datasets: dict[str, SegmentationDataset], num
         single_threaded_opencv()
     return {
         name: DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=name == "train", num_workers=workers,
-                         pin_memory=pin_memory, persistent_workers=workers > 0)
+                         pin_memory=pin_memory, persistent_workers=workers > 0,
+                         worker_init_fn=worker_ignores_stop_signals if workers else None)
         for name, dataset in datasets.items()
     }

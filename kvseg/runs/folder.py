@@ -52,8 +52,9 @@ class Progress:
     best_score: float | None = None
     best_epoch: int | None = None
     stopped_early: bool = False
-    stop_reason: str | None = None  # "budget", "steps" or a stop request, when training ended before its epochs
+    stop_reason: str | None = None  # "budget" or "steps", when training ended before its epochs
     control: dict = field(default_factory=dict)  # optimizer steps done and budget seconds spent (kvseg.training.stopping)
+    partial: dict = field(default_factory=dict)  # a preempted epoch: what of epoch + 1 is done (kvseg.training.train.EpochStats)
 
 
 class RunDir:
@@ -65,8 +66,7 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
-    def __fspath__(self) -> str:
-        return str(self.path)
+    __fspath__ = __str__
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -99,8 +99,12 @@ class RunDir:
 
     # -- the training state ------------------------------------------------------------------
 
+    def has_state(self) -> bool:
+        """True when the folder holds a training state to resume from (see :meth:`state_dir`)."""
+        return any((self.checkpoints / name / "progress.json").is_file() for name in ("state", "state.old"))
+
     def state_dir(self) -> Path:
-        """The accelerate state of the last completed epoch, falling back to one left by a crashed swap.
+        """The accelerate state last saved (an epoch's end or a preempted step), else one a crashed swap left.
 
         Raises:
             CheckpointError: there is no completed epoch to resume from.
@@ -112,8 +116,7 @@ class RunDir:
 
     def load_progress(self) -> tuple[Path, Progress]:
         """The state folder to load and the :class:`Progress` saved with it."""
-        state = self.state_dir()
-        return state, Progress(**json.loads((state / "progress.json").read_text()))
+        return (state := self.state_dir()), Progress(**json.loads((state / "progress.json").read_text()))
 
     def save_state(self, accelerator: Accelerator, progress: Progress) -> None:
         """``save_state`` into a fresh folder, flushed to disk, then swapped in: a crash, a kill or a full
@@ -221,10 +224,8 @@ class RunDir:
         """The rows of per_image.csv (numbers as floats; loss None when empty); [] when there is none."""
         if not self.per_image.is_file():
             return []
-        rows = []
-        for row in csv.DictReader(self.per_image.read_text().splitlines()):
-            rows.append({**row, **{k: float(row[k]) if row[k] else None for k in PER_IMAGE_COLUMNS[2:]}})
-        return rows
+        return [{**row, **{k: float(row[k]) if row[k] else None for k in PER_IMAGE_COLUMNS[2:]}}
+                for row in csv.DictReader(self.per_image.read_text().splitlines())]
 
     # -- reading back -----------------------------------------------------------------------
 
@@ -259,7 +260,8 @@ def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) 
     run = RunDir(Path(output_dir) / name[0])
     if accelerator.is_main_process:
         if run.last.is_file() or (run.checkpoints / "state").is_dir():
-            raise CheckpointError(f"{run}: run folder already holds checkpoints; use --resume {run} or another name")
+            raise CheckpointError(f"{run}: run folder already holds checkpoints; use --resume {run} (or --resume auto) "
+                                  "or another name")
         try:
             run.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

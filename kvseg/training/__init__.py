@@ -2,8 +2,8 @@
 
 ``factory`` builds what the loop works with, ``train`` runs one epoch (:func:`train_one_epoch`),
 ``run`` the run around the epochs (:func:`run_training`), ``optim`` holds optimizer, schedule and
-weight averaging, ``saver`` decides what is saved when, ``stopping`` when training stops,
-``distributed`` checks the process group. Training scores with
+weight averaging, ``saver`` decides what is saved when, ``stopping`` when training stops
+(preemption included), ``resume`` what a resumed run may change, ``distributed`` checks the process group. Training scores with
 :mod:`kvseg.evaluation` and draws no figure: the command writes the report after it.
 
 May import: :mod:`kvseg.evaluation`, :mod:`kvseg.runs`, :mod:`kvseg.data`, :mod:`kvseg.models` and the base modules.

@@ -19,7 +19,7 @@ from accelerate.utils import ProjectConfiguration
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from kvseg.config import Config, config_to_dict, config_to_yaml, load_config
+from kvseg.config import Config, config_to_dict, config_to_yaml
 from kvseg.data.check import check_training_data
 from kvseg.data.dataset import SegmentationDataset, build_dataloaders, build_datasets
 from kvseg.data.folder import find_samples
@@ -33,6 +33,7 @@ from kvseg.models.unet import build_model
 from kvseg.runs.folder import Progress, RunDir, create_run, open_run
 from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
 from kvseg.training.optim import ProgressSchedule, build_ema, build_optimizer, build_scheduler
+from kvseg.training.resume import describe, resume_config
 
 logger = logging.getLogger(__name__)
 
@@ -158,12 +159,14 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
 
     A new run resolves the data folder first (writing the synthetic stand-in when needed), records
     it in ``cfg.data.root`` and writes the config, split and environment. The state folder is None
-    for a new run.
+    for a new run. A resumed run checks what ``cfg`` changes (:func:`kvseg.training.resume.resume_config`)
+    and records the changes in its config.yaml.
     """
+    changes: dict = {}
     if options.resume:
         run = open_run(options.resume)
-        resume_config(run, cfg)
         state, progress = run.load_progress()
+        changes = resume_config(run, cfg, progress)
         check_training_data(cfg, accelerator)
         split = run.split(cfg)
     else:
@@ -185,22 +188,12 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
     )
     if run.keeps_copy(accelerator) and state is None:
         run.write_start(cfg, split, environment(accelerator))
+    if changes:
+        logger.info(f"Resuming with a changed config: {describe(changes)} (written to {run.config})")
+        if run.keeps_copy(accelerator):
+            run.write_config(cfg)
     start_trackers(accelerator, cfg, run)
     return run, split, progress, state
-
-
-def resume_config(run: RunDir, cfg: Config) -> None:
-    """Check that ``cfg`` can continue ``run``: same model and image size as it was trained with.
-
-    Raises:
-        CheckpointError: the model or image size differ.
-    """
-    previous = load_config(run.config)
-    if previous.model != cfg.model or previous.data.image_size != cfg.data.image_size:
-        raise CheckpointError(
-            f"{run}: checkpoint was trained with model {previous.model} at image size {previous.data.image_size}; "
-            f"cannot resume with model {cfg.model} at image size {cfg.data.image_size}"
-        )
 
 
 def load_state(accelerator: Accelerator, state: Path, progress: Progress) -> None:
@@ -209,4 +202,6 @@ def load_state(accelerator: Accelerator, state: Path, progress: Progress) -> Non
         accelerator.load_state(str(state))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{state}: cannot load training state ({str(exc).splitlines()[0]})") from None
-    logger.info(f"Resumed from {state} after epoch {progress.epoch}")
+    partial = progress.partial
+    logger.info(f"Resumed from {state} after epoch {progress.epoch}" + (
+        f" and {partial['batches']} batches of epoch {progress.epoch + 1} (preempted)" if partial else ""))

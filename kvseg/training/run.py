@@ -18,13 +18,15 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from kvseg.config import Config
+from kvseg.errors import CheckpointError, Preempted
 from kvseg.evaluation.evaluate import EvalResult, evaluate, tune_threshold
 from kvseg.runs.checkpoint import load_model_checkpoint, set_threshold
 from kvseg.runs.folder import Progress as RunProgress
+from kvseg.runs.folder import RunDir
 from kvseg.training.distributed import check_process_group
 from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
 from kvseg.training.saver import CheckpointSaver
-from kvseg.training.stopping import Control
+from kvseg.training.stopping import Control, StopSignals
 from kvseg.training.train import EpochStats, check_finite, train_one_epoch
 
 logger = logging.getLogger(__name__)
@@ -38,41 +40,63 @@ def history_record(epoch: int, stats: EpochStats, result: EvalResult | None, bes
 
 
 def run_training(cfg: Config, options: RunOptions) -> Path:
-    """Train ``cfg`` end to end and return the run folder; see the README for what it holds."""
+    """Train ``cfg`` end to end and return the run folder; see the README for what it holds.
+
+    While it trains, SIGUSR1 and SIGTERM stop every process after the same step; the run saves its
+    resume state and raises :class:`~kvseg.errors.Preempted` (see :mod:`kvseg.training.stopping`).
+    The final evaluation runs with the handlers found before: a signal then acts as it always does,
+    and a resumed run evaluates again.
+
+    Raises:
+        Preempted: a stop signal ended training; the same command with ``--resume auto`` continues it.
+    """
     accelerator = build_accelerator(cfg, options.mixed_precision)
     check_process_group(accelerator.num_processes)
-    run, split, progress, state = start_run(cfg, options, accelerator)
-    set_seed(cfg.train.seed)
-    training = build_training(cfg, split, accelerator)
-    if state is not None:
-        load_state(accelerator, state, progress)
-    saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
-                            cfg.train.keep_every)
-    score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
-                    gather=accelerator.gather_for_metrics)
-    control = build_control(cfg, training, accelerator, progress)
-    epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
-    epoch = progress.epoch
-    with control.clock.running():  # the budget counts training and validation, not start-up or the final evaluation
-        while not (progress.stopped_early or progress.stop_reason or control.progress >= 1.0
-                   or (epochs is not None and epoch >= epochs)):
-            epoch += 1
-            run_epoch(epoch, cfg, training, score, saver, accelerator, control)
-        if progress.stopped_early:
-            logger.info(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
-                        f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
+    try:
+        return train_and_evaluate(cfg, options, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def train_and_evaluate(cfg: Config, options: RunOptions, accelerator: Accelerator) -> Path:
+    """Set up, build, loop over the epochs, evaluate the selected weights: :func:`run_training`'s body."""
+    with StopSignals() as signals:
+        run, split, progress, state = start_run(cfg, options, accelerator)
+        set_seed(cfg.train.seed)
+        training = build_training(cfg, split, accelerator)
+        control = build_control(cfg, training, accelerator, progress, signals)
+        if state is not None:
+            load_state(accelerator, state, progress)
+            training.scheduler.set_progress(control.progress, count=False)  # this run's schedule, at the step reached
+        saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
+                                cfg.train.keep_every)
+        score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
+                        gather=accelerator.gather_for_metrics)
+        epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
+        epoch = progress.epoch
+        with control.clock.running():  # the budget counts training and validation, not start-up or the final evaluation
+            # the limits of this launch decide (a resumed run may have more epochs, steps or budget)
+            while not (progress.stopped_early or control.progress >= 1.0 or (epochs is not None and epoch >= epochs)):
+                epoch += 1
+                saved_in = run_epoch(epoch, cfg, training, score, saver, accelerator, control)
+                if control.vote():  # a signal during validation or the save: the state of this epoch is whole
+                    raise preempted(run, control, f"the end of epoch {epoch}", saved_in)
+    if progress.stopped_early:
+        logger.info(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
+                    f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
     if progress.stop_reason in ("budget", "steps"):
         used = control.clock.seconds / 60
         logger.info(f"Stopped after {control.steps} steps in {progress.epoch} epoch(s): "
                     + (f"budget of {cfg.train.budget_minutes:.3g} min spent ({used:.2f} min)" if progress.stop_reason
                        == "budget" else f"step limit {control.total_steps} reached ({used:.2f} min)"))
     finish_run(cfg, training, score, saver, accelerator, control)
-    accelerator.end_training()
     return run.path
 
 
-def build_control(cfg: Config, training: Training, accelerator: Accelerator, progress: RunProgress) -> Control:
-    """The run's stop rule and progress: ``train.max_steps`` or the epochs' steps, and ``train.budget_minutes``.
+def build_control(cfg: Config, training: Training, accelerator: Accelerator, progress: RunProgress,
+                  signals: StopSignals | None = None) -> Control:
+    """The run's stop rule and progress: ``train.max_steps`` or the epochs' steps, and ``train.budget_minutes``;
+    ``signals`` (preemption) stop it too.
 
     A resumed run continues from the steps and budget seconds its progress recorded.
     """
@@ -80,21 +104,61 @@ def build_control(cfg: Config, training: Training, accelerator: Accelerator, pro
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     budget = 60.0 * cfg.train.budget_minutes if cfg.train.budget_minutes > 0 else None
     return Control(accelerator, total, budget, steps=progress.control.get("steps", 0),
-                   seconds_used=progress.control.get("seconds_used", 0.0))
+                   seconds_used=progress.control.get("seconds_used", 0.0), reserve=progress.control.get("reserve", 0.0),
+                   signals=signals)
+
+
+def preempted(run: RunDir, control: Control, where: str, saved_in: float) -> Preempted:
+    """The one line a preempted run ends with: what stopped it, where, the state saved and how to go on."""
+    return Preempted(f"{control.requested or 'a stop signal to another process'}: every process stopped after step "
+                     f"{control.steps} ({where}) and saved the resume state in {run.state_dir()} ({saved_in:.1f} s); "
+                     f"continue with --resume {run} (or --resume auto --run-name {run.path.name})")
+
+
+def preempted_part(progress: RunProgress, epoch: int, batches: int, run: RunDir) -> EpochStats | None:
+    """What of ``epoch`` was trained before a preemption stopped it (None when it starts afresh).
+
+    Raises:
+        CheckpointError: this launch cuts the epoch into another number of batches per process (another
+            process count) than the one that was preempted.
+    """
+    if not progress.partial:
+        return None
+    part = dict(progress.partial)
+    cut = part.pop("epoch_batches")
+    if cut != batches:
+        raise CheckpointError(f"{run}: epoch {epoch} was preempted after {part['batches']} of its {cut} batches per "
+                              f"process; this launch cuts it into {batches} (another process count): resume it with "
+                              "the process count it was started with")
+    return EpochStats(**part)
 
 
 def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
-              control: Control) -> None:
+              control: Control) -> float:
     """Train one epoch (or until ``control`` stops it), validate when due, write the checkpoints, history
-    and training state of ``epoch``. The last epoch, stopped or not, is always validated."""
+    and training state of ``epoch``; returns the seconds the state took to save. The last epoch, stopped
+    or not, is always validated.
+
+    An epoch that a preemption stopped before its last batch saves its state at that step (the part
+    done in ``progress.partial``) and raises :class:`~kvseg.errors.Preempted`; resumed, it trains on
+    from the next batch, in the same order (``skip_first_batches`` of the same sampler epoch).
+    """
     run, progress, epochs = saver.run, saver.progress, cfg.train.epochs
     training.loaders["train"].set_epoch(epoch)
     training.datasets["train"].set_epoch(epoch)
+    batches = len(training.loaders["train"])
+    done = preempted_part(progress, epoch, batches, run)
+    loader = accelerator.skip_first_batches(training.loaders["train"], done.batches) if done else training.loaders["train"]
     of = f"/{epochs}" if not cfg.train.max_steps and not cfg.train.budget_minutes else ""
-    stats = train_one_epoch(training.model, training.loaders["train"], training.optimizer, training.loss_fn, accelerator,
+    stats = train_one_epoch(training.model, loader, training.optimizer, training.loss_fn, accelerator,
                             cfg.train.channels_last, f"epoch {epoch}{of}", scheduler=training.scheduler,
-                            ema=training.ema, control=control)
+                            ema=training.ema, control=control, done=done)
     check_finite(stats, epoch, run, progress)
+    if control.preempted and stats.batches < batches:
+        progress.partial = {**asdict(stats), "epoch_batches": batches}
+        progress.control, started = control.state(), time.perf_counter()
+        run.save_state(accelerator, progress)
+        raise preempted(run, control, f"epoch {epoch}, batch {stats.batches} of {batches}", time.perf_counter() - started)
     logger.info(stats.line(epoch, epochs, control.progress if not of else None))
     last = control.stopped or (not cfg.train.max_steps and epoch == epochs)
     due = "val" in training.loaders and (last or epoch % cfg.train.eval_every == 0)
@@ -103,7 +167,7 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     validation_seconds = time.perf_counter() - started
     if due:
         control.reserve = validation_seconds  # the final validation must fit in the budget too
-    progress.epoch = epoch
+    progress.epoch, progress.partial = epoch, {}
     progress.stop_reason = control.reason
     progress.control = control.state()
     best = saver.save(training.weights, cfg, epoch, result, write=accelerator.is_main_process)
@@ -116,7 +180,9 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     progress.stopped_early = not saver.patience_left(cfg.train.early_stopping_patience, cfg.train.eval_every)
     if accelerator.is_main_process:
         run.write_history(progress.history)
+    started = time.perf_counter()
     run.save_state(accelerator, progress)
+    return time.perf_counter() - started
 
 
 def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,

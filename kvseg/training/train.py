@@ -33,8 +33,9 @@ class NonFiniteLossError(KvsegError):
 class EpochStats:
     """One epoch of training: mean loss over all samples on all processes, wall seconds, images, learning rate.
 
-    ``steps`` counts this process's optimizer steps; ``stopped`` is True when a :class:`Control` ended
-    the epoch before its last batch.
+    ``steps`` counts this process's optimizer steps (those the gradient scaler skipped under fp16 are
+    not counted), ``batches`` the loader's batches it trained on; ``stopped`` is True when a
+    :class:`Control` ended the epoch early (at its last batch too).
     """
 
     loss: float
@@ -43,6 +44,7 @@ class EpochStats:
     lr: float
     steps: int = 0
     stopped: bool = False
+    batches: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -101,19 +103,28 @@ def train_one_epoch(
     ema: AveragedModel | None = None,
     timer: PhaseTimer | None = None,
     control: Control | None = None,
+    done: EpochStats | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` (or its first ``max_steps`` batches), or until ``control`` says stop.
 
     After every optimizer step (not every micro-batch under gradient accumulation) ``control`` counts
     the step and says how far the run is and whether every process stops here; ``scheduler`` then
-    sets the learning rate for that progress and ``ema`` averages the weights. The returned loss is
-    averaged over all samples on all processes; ``lr`` is the learning rate of the epoch's last step.
-    ``timer`` splits each step into :data:`PHASES`.
+    sets the learning rate for that progress and ``ema`` averages the weights. A step the gradient
+    scaler skipped (fp16, non-finite gradients: ``accelerator.optimizer_step_was_skipped``) changed no
+    weight: it is not counted, the schedule does not advance and the average is not updated. The
+    returned loss is averaged over all samples on all processes; ``lr`` is the learning rate of the
+    epoch's last step. ``timer`` splits each step into :data:`PHASES`.
+
+    ``done`` is the part of this epoch trained before a preemption (``loader`` then holds the rest of
+    the epoch's batches): its samples, loss, steps, batches and seconds are added to the result.
     """
     model.train()
-    start, lr, optimizer_steps, stopped = time.perf_counter(), optimizer.param_groups[0]["lr"], 0, False
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    done = done or EpochStats(0.0, 0.0, 0, optimizer.param_groups[0]["lr"])
+    start, lr, optimizer_steps, batches, stopped = time.perf_counter(), done.lr, done.steps, done.batches, False
+    counted_once = accelerator.is_main_process  # the processes' sums are added up: the earlier part goes in once
+    loss_sum = torch.tensor(done.loss * done.images if counted_once else 0.0, device=accelerator.device,
+                            dtype=torch.float64)
+    count = torch.tensor(done.images if counted_once else 0, device=accelerator.device, dtype=torch.float64)
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     # The bar redraws from a thread that competes for the GIL: keep it slow, and off when
     # the output is not a terminal (logs, CI), where it shows nothing anyway.
@@ -144,14 +155,16 @@ def train_one_epoch(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
-                lr, optimizer_steps = optimizer.param_groups[0]["lr"], optimizer_steps + 1
-                stopped = control is not None and control.after_step()
-                if scheduler is not None:
+                counted = not accelerator.optimizer_step_was_skipped
+                lr, optimizer_steps = optimizer.param_groups[0]["lr"], optimizer_steps + counted
+                stopped = control is not None and control.after_step(counted)
+                if scheduler is not None and counted:
                     scheduler.set_progress(control.progress if control is not None else 0.0)
-                if ema is not None:
+                if ema is not None and counted:
                     ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
             loss_sum += loss.detach().double() * len(images)
             count += len(images)
+            batches += 1
             if step % 10 == 0 and accelerator.is_main_process:
                 progress.update(task, loss=f"{loss.item():.4f}")
             progress.advance(task)
@@ -160,7 +173,8 @@ def train_one_epoch(
             if stopped:
                 break
     loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
-    return EpochStats(float(loss_sum / count), time.perf_counter() - start, int(count), lr, optimizer_steps, stopped)
+    return EpochStats(float(loss_sum / count), done.seconds + time.perf_counter() - start, int(count), lr,
+                      optimizer_steps, stopped, batches)
 
 
 def check_finite(stats: EpochStats, epoch: int, run: RunDir, progress: RunProgress) -> None:
