@@ -16,8 +16,7 @@ rank when unset) when it finishes optimizer step ``KVSEG_TEST_FAULT_STEP`` of th
 * ``disk-full``: the first write of ``checkpoints/last.pt`` fails with ENOSPC (no step needed).
 
 The wall-clock time of the fault (``time.time()``) and the file it concerns go to the JSON file
-``KVSEG_TEST_FAULT_LOG``. Only the first attempt of a torchrun ``--max-restarts`` launch is faulted
-(``TORCHELASTIC_RESTART_COUNT`` 0 or unset). The script runs as ``__main__`` with the remaining arguments.
+``KVSEG_TEST_FAULT_LOG``. The script runs as ``__main__`` with the remaining arguments.
 """
 
 from __future__ import annotations
@@ -123,7 +122,7 @@ if __name__ == "__main__":
     from kvseg.allocator import reexec_with_allocator
 
     reexec_with_allocator()  # as the script would, before the faults import torch: it re-runs this file
-    if FAULT and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    if FAULT:
         FAULTS[FAULT]()
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name="__main__")

@@ -11,11 +11,12 @@ import importlib.util
 import logging
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
@@ -103,12 +104,28 @@ def build_accelerator(cfg: Config, mixed_precision: str = "auto") -> Accelerator
     return Accelerator(
         cpu=cpu,
         mixed_precision=precision,
+        kwargs_handlers=[process_group_timeout(cfg.train.collective_timeout_s)],
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         # pinned host memory (set by build_dataloaders on a GPU) copies to the device without blocking
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed, non_blocking=not cpu),
         log_with=list(cfg.train.trackers) or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
     )
+
+
+def process_group_timeout(seconds: float) -> InitProcessGroupKwargs:
+    """The process group's timeout, ``train.collective_timeout_s``: how long a collective waits for a peer.
+
+    gloo raises "Timed out waiting ... for recv operation to complete" after it; NCCL's watchdog aborts
+    the group. The backends' default (30 minutes; accelerate's 10 for NCCL) would hold every GPU that
+    long after one machine is lost. It must exceed the longest time one process works while the others
+    wait: the first process checks the dataset folder and fills the disk cache before the others
+    start (minutes for tens of thousands of frames).
+    """
+    handler = InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
+    if "timeout" not in handler.to_kwargs():  # accelerate passes on only values unlike its default (600 s)
+        handler.timeout += timedelta(microseconds=1)
+    return handler
 
 
 def environment(accelerator: Accelerator) -> dict:

@@ -25,6 +25,7 @@ from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
 from kvseg.training.distributed import check_process_group
 from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
+from kvseg.training.faults import FaultWatch
 from kvseg.training.saver import CheckpointSaver
 from kvseg.training.stopping import Control, StopSignals
 from kvseg.training.train import EpochStats, check_finite, train_one_epoch
@@ -45,7 +46,9 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     While it trains, SIGUSR1 and SIGTERM stop every process after the same step; the run saves its
     resume state and raises :class:`~kvseg.errors.Preempted` (see :mod:`kvseg.training.stopping`).
     The final evaluation runs with the handlers found before: a signal then acts as it always does,
-    and a resumed run evaluates again.
+    and a resumed run evaluates again. With several processes, a failure on one ends every one with
+    the same line and status, and a lost process ends the run within ``train.collective_timeout_s``
+    (:mod:`kvseg.training.faults`).
 
     Raises:
         Preempted: a stop signal ended training; the same command with ``--resume auto`` continues it.
@@ -53,7 +56,8 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     accelerator = build_accelerator(cfg, options.mixed_precision)
     check_process_group(accelerator.num_processes)
     try:
-        return train_and_evaluate(cfg, options, accelerator)
+        with FaultWatch(accelerator, cfg.train.collective_timeout_s):
+            return train_and_evaluate(cfg, options, accelerator)
     finally:
         accelerator.end_training()
 
