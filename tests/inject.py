@@ -108,7 +108,6 @@ def _sigterm_twice() -> None:
 
 
 FAULTS = {
-    "sigterm": lambda: _at_step(lambda: _signal(signal.SIGTERM)),
     "sigusr1": lambda: _at_step(lambda: _signal(signal.SIGUSR1)),
     "sigterm-launcher": lambda: _at_step(lambda: (_log(signal="SIGTERM"), os.kill(os.getppid(), signal.SIGTERM))),
     "sigterm-twice": _sigterm_twice,

@@ -69,7 +69,8 @@ class FaultWatch:
     Args:
         accelerator: the run's accelerator (rank, process count; the process group it formed).
         timeout_s: seconds without a beat after which a process is lost (``train.collective_timeout_s``).
-        store: the store to meet in (default: ``torch.distributed``'s, under the prefix ``kvseg/faults/``).
+        store: the store to meet in (default: ``torch.distributed``'s, under the prefix ``kvseg/faults/ATTEMPT/``,
+            ATTEMPT being torchrun's restart count).
     """
 
     def __init__(self, accelerator: Accelerator, timeout_s: float, store: dist.Store | None = None) -> None:
@@ -77,6 +78,7 @@ class FaultWatch:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.active = self.world > 1
         self._store, self._thread = store, None
+        self._main = self._watch = store  # the connections of the main thread and of the watching thread
         self._stop, self._ending = threading.Event(), threading.Lock()
         self.closing = False  # the run is ending normally: peers that leave now are not lost
         self._beats: dict[int, int] = {}

@@ -158,7 +158,7 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
                             cfg.train.channels_last, f"epoch {epoch}{of}", scheduler=training.scheduler,
                             ema=training.ema, control=control, done=done)
     check_finite(stats, epoch, run, progress)
-    if control.preempted and stats.batches < batches:
+    if control.preempted and not control.stopped and stats.batches < batches:  # the run's own end comes first
         progress.partial = {**asdict(stats), "epoch_batches": batches}
         progress.control, started = control.state(), time.perf_counter()
         run.save_state(accelerator, progress)
