@@ -40,6 +40,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "transpose": ("transposed-convolution upsampling instead of bilinear", ["model.upsample=transpose"]),
     "base32": ("base width 32 (the study's) instead of 16", ["model.base_channels=32"]),
     "size256": ("256 px (the study's) instead of 128 px", ["data.image_size=256"]),
+    "photometric": ("+ brightness/contrast 0.5, hue/saturation 0.3, blur 0.2, JPEG 0.3",
+                    ["augment.brightness_contrast_p=0.5", "augment.hue_saturation_p=0.3", "augment.blur_p=0.2",
+                     "augment.jpeg_p=0.3"]),
+    "scale": ("+ scale by up to +-25%, half the time", ["augment.scale_limit=0.25", "augment.scale_p=0.5"]),
+    "photometric_scale": ("+ both of the above", ["augment.brightness_contrast_p=0.5", "augment.hue_saturation_p=0.3",
+                                                   "augment.blur_p=0.2", "augment.jpeg_p=0.3", "augment.scale_limit=0.25",
+                                                   "augment.scale_p=0.5"]),
 }
 
 

@@ -5,7 +5,9 @@
     kvseg benchmark [--run RUN] ...           the same as benchmark.py
     kvseg predict --onnx MODEL INPUTS --out DIR
     kvseg check DATA_DIR
+    kvseg preprocess DATA_DIR [--image-size N]
     kvseg report RUN_DIR
+    kvseg plan DATA_DIR [--budget 30m] [--out plan.yaml]
 
 Several processes: ``accelerate launch [--config_file FILE] -m kvseg train ...``.
 ``kvseg COMMAND --help`` lists a command's flags.
@@ -25,7 +27,9 @@ COMMANDS = {
     "benchmark": ("kvseg.commands.benchmark", "latency, parity and training speed of a run (benchmark.py)"),
     "predict": ("kvseg.commands.predict", "segment images and videos with a run or an ONNX model"),
     "check": ("kvseg.commands.check", "read every pair of a dataset folder and say what is there"),
+    "preprocess": ("kvseg.commands.preprocess", "check a dataset folder and build its frame cache once, before training"),
     "report": ("kvseg.commands.report", "write a run's figures and index.html again"),
+    "plan": ("kvseg.commands.plan", "plan a run for a folder, this machine and a time budget"),
 }
 
 

@@ -35,10 +35,12 @@ class DataConfig:
     foreground_values: list[int] = field(default_factory=list)  # labels/palette: instrument values; []: any non-zero
     test_fraction: float = 0.2  # used only when the folder has no train.txt / test.txt
     val_fraction: float = 0.15  # of the training ids, drawn by split_seed, when the folder has no val.txt; 0: none
+    val_min_images: int = 50  # validation gets at least this many where the training ids number 4x as many; 0: off
     split_seed: int = 0
     cache: str = "disk"  # decoded, resized pairs: "disk" (kept across runs, kvseg.data.preprocessed), "memory" (one run), "off"
     cache_dir: str = ""  # where "disk" keeps them; empty: $KVSEG_CACHE_DIR, else ~/.cache/kvseg (never the data folder)
-    num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per process (at least 1)
+    num_workers: int = -1  # DataLoader workers per process; -1: one less than the cores per local process (at least 1)
+    augment_on: str = "auto"  # augment in the DataLoader "workers" or per batch on the "device"; auto: device on a GPU
     # The synthetic stand-in written when ``root`` does not exist and no data dir was given.
     synthetic_images: int = 240
     synthetic_test_fraction: float = 0.2
@@ -47,7 +49,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """The study's augmentations: random rotation, flips and transpose."""
+    """The study's augmentations (random rotation, flips and transpose), and optional photometric and scale ones."""
 
     rotate_limit: float = 30.0  # degrees, uniform in [-limit, limit]
     rotate_p: float = 0.5
@@ -55,6 +57,18 @@ class AugmentConfig:
     hflip_p: float = 0.5
     vflip_p: float = 0.5
     transpose_p: float = 0.5
+    # Beyond the study's geometry: photometric changes and scale, each off at 0 (albumentations' own transforms)
+    scale_limit: float = 0.0  # zoom in or out by up to this fraction (Affine scale 1 +- limit), with scale_p
+    scale_p: float = 0.0
+    brightness_contrast_p: float = 0.0  # RandomBrightnessContrast, +-0.2 each
+    hue_saturation_p: float = 0.0  # HueSaturationValue: hue +-10, saturation +-20, value +-10 (of 180/255)
+    blur_p: float = 0.0  # GaussianBlur, kernel 3-7 px
+    jpeg_p: float = 0.0  # ImageCompression (JPEG), quality 50-95
+
+    def workers_only(self) -> list[str]:
+        """The keys of augmentations turned on that run in DataLoader workers only (not in data.augment_on=device)."""
+        keys = ("scale_p", "brightness_contrast_p", "hue_saturation_p", "blur_p", "jpeg_p")
+        return [f"augment.{key}" for key in keys if getattr(self, key) > 0]
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -72,8 +86,8 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and evaluation schedule."""
 
-    epochs: int = 30  # with a budget or a step limit: the most epochs (the budget usually ends training first)
-    budget_minutes: float = 0.0  # training + validation minutes; the schedule runs on the fraction used; 0: off
+    epochs: int = 100  # with a budget or a step limit: the most epochs (the budget usually ends training first)
+    budget_minutes: float = 4.0  # training + validation minutes; the schedule runs on the fraction used; 0: off
     max_steps: int = 0  # optimizer steps (replays a budgeted run's steps on another machine); 0: epochs decide
     batch_size: int = 8  # per process
     optimizer: str = "adam"  # "adam" (the study's) or "adamw" (decoupled weight decay)
@@ -122,6 +136,7 @@ class Config:
 
 _CHOICES = {
     "data.cache": ("disk", "memory", "off"),
+    "data.augment_on": ("auto", "workers", "device"),
     "data.mask_encoding": ("auto", "binary-0-255", "binary-0-1", "labels", "palette"),  # kvseg.data.masks.ENCODINGS
     "model.upsample": ("transpose", "bilinear"),
     "train.optimizer": ("adam", "adamw"),
@@ -175,6 +190,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' is {value}; expected 0 (off) or a fraction below 1")
     for key, value in {"train.warmup_epochs": cfg.train.warmup_epochs,
                        "train.early_stopping_patience": cfg.train.early_stopping_patience,
+                       "data.val_min_images": cfg.data.val_min_images,
                        "train.budget_minutes": cfg.train.budget_minutes, "train.max_steps": cfg.train.max_steps,
                        "train.keep_every": cfg.train.keep_every}.items():
         if not value >= 0 or value == float("inf"):  # also refuses NaN
@@ -209,6 +225,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.tta' has {', '.join(unknown)}; expected some of {', '.join(TTA_TRANSFORMS)}")
     if not cfg.data.class_name.strip():
         raise ConfigError("config key 'data.class_name' is empty; expected the foreground's name, e.g. instrument or polyp")
+    if cfg.data.augment_on == "device" and cfg.augment.workers_only():
+        raise ConfigError(f"config keys {', '.join(cfg.augment.workers_only())} augment in the DataLoader workers only; "
+                          "expected data.augment_on workers or auto with them")
+    for name, value in vars(cfg.augment).items():
+        if name.endswith("_p") and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key 'augment.{name}' is {value}; expected a probability from 0 to 1")
+    if not 0.0 <= cfg.augment.scale_limit < 1.0:
+        raise ConfigError(f"config key 'augment.scale_limit' is {cfg.augment.scale_limit}; expected 0 to below 1")
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3:
         raise ConfigError("config keys 'augment.mean' and 'augment.std' need three values (R, G, B)")
     if min(cfg.augment.std) <= 0:

@@ -91,3 +91,15 @@ def test_a_training_run_records_its_allocator(fresh_run: Path, tmp_path: Path) -
                             env={**os.environ, ENV: "glibc"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "b.json").read_text())["machine"]["allocator"].startswith("glibc")
+
+
+@pytest.mark.parametrize("torch_first", [False, True], ids=["kvseg first", "torch first"])
+def test_an_openmp_binding_does_not_make_one_core(torch_first: bool) -> None:
+    """OMP_PROC_BIND pins torch's main thread to one core as torch starts; kvseg still counts every usable core."""
+    order = "import torch, kvseg.runtime as r" if torch_first else "import kvseg.runtime as r, torch"
+    script = f"{order}; torch.ones(64, 64) @ torch.ones(64, 64); print(r.usable_cores(), r.cpu_threads_per_process(0))"
+    env = {**os.environ, "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cores = len(os.sched_getaffinity(0))
+    assert result.stdout.split() == [str(cores), str(cores)]

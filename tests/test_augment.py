@@ -98,3 +98,45 @@ def test_transforms_decide_independently_of_each_other() -> None:
         out = np.asarray(transform(image=image, mask=mask)["mask"])
         places.add(tuple(np.argwhere(out)[0]))
     assert len(places) == 8  # every element of the flip/transpose group occurs
+
+
+def test_photometric_and_scale_augmentations_keep_masks_binary_and_are_off_by_default() -> None:
+    from kvseg.config import AugmentConfig, load_config
+    from kvseg.data.augment import build_train_transform
+
+    names = [type(t).__name__ for t in build_train_transform(AugmentConfig()).transforms]
+    assert not {"Affine", "RandomBrightnessContrast", "HueSaturationValue", "GaussianBlur", "ImageCompression"} & set(names)
+    cfg = load_config(overrides=["augment.scale_limit=0.3", "augment.scale_p=1", "augment.brightness_contrast_p=1",
+                                 "augment.hue_saturation_p=1", "augment.blur_p=1", "augment.jpeg_p=1"]).augment
+    transform = build_train_transform(cfg)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 1
+    changed = 0
+    for seed in range(6):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        assert set(np.unique(out["mask"])) <= {0, 1}
+        changed += int(out["mask"].sum()) != int(mask.sum())  # scale moves the object's area
+    assert changed >= 3
+
+
+def test_augmentation_probabilities_are_checked() -> None:
+    from kvseg.config import load_config
+    from kvseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="augment.blur_p"):
+        load_config(overrides=["augment.blur_p=1.5"])
+
+
+def test_augmentations_the_device_path_lacks_keep_auto_in_the_workers() -> None:
+    from kvseg.config import load_config
+    from kvseg.errors import ConfigError
+    from kvseg.runtime import resolve_augment_on
+
+    with pytest.raises(ConfigError, match="augment.blur_p augment in the DataLoader workers only"):
+        load_config(overrides=["data.augment_on=device", "augment.blur_p=0.2"])
+    cfg = load_config(overrides=["augment.blur_p=0.2"])
+    assert resolve_augment_on("auto", torch.device("cuda"), bool(cfg.augment.workers_only())) == "workers"
+    assert resolve_augment_on("auto", torch.device("cuda")) == "device"

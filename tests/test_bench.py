@@ -64,7 +64,10 @@ def test_report_has_every_field(benchmarked: tuple[Path, dict]) -> None:
     markdown = (run_dir / "benchmark.md").read_text()
     assert "| ort-int8 | 2 |" in markdown and "Training speed" in markdown and "| backward |" in markdown
     assert [entry["image_size"] for entry in report["loader"]["sizes"]] == [report["image_size"], 512]
-    assert "| 512 | disk cache | 1 |" in markdown and training["data_source"] == "disk cache"
+    assert "| 512 | workers | disk cache | 1 |" in markdown and "| 512 | device | disk cache | 1 |" in markdown
+    assert training["data_source"] == "disk cache" and training["augment_on"] == "workers"
+    assert [entry["step"]["images_per_s"] > 0 for entry in report["loader"]["sizes"]] == [True, True]
+    assert markdown.count(" x what the step consumes (") == 4
 
 
 def test_unavailable_provider_is_reported_as_skipped(benchmarked: tuple[Path, dict]) -> None:

@@ -168,3 +168,13 @@ def test_val_txt_is_honoured_and_checked(dataset_copy: Path, tmp_path: Path) -> 
     (dataset_copy / "val.txt").write_text(train[4] + "\n")  # also in train.txt
     with pytest.raises(SplitError, match="both train and val"):
         resolve_split(dataset_copy, find_samples(dataset_copy), seed=0, test_fraction=0.2)
+
+
+def test_validation_gets_a_floor_where_the_folder_allows() -> None:
+    from kvseg.data.splits import carve_validation
+
+    ids = [f"id{i:03d}" for i in range(240)]
+    train, val = carve_validation(ids, seed=0, fraction=0.15, minimum=50)
+    assert len(val) == 50 and len(train) == 190 and not set(train) & set(val)  # 15% would be 36
+    assert len(carve_validation(ids[:150], seed=0, fraction=0.15, minimum=50)[1]) == 22  # too few for the floor
+    assert len(carve_validation(ids, seed=0, fraction=0.3, minimum=50)[1]) == 72  # the fraction wins when larger

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from kvseg.commands import benchmark, check, export, predict, report, train
+from kvseg.commands import benchmark, check, export, predict, preprocess, report, train
 from kvseg.config import Config
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-PARSERS = {"train": train, "export": export, "benchmark": benchmark, "predict": predict, "check": check, "report": report}
+PARSERS = {"train": train, "export": export, "benchmark": benchmark, "predict": predict, "check": check, "report": report,
+           "preprocess": preprocess}
 SCRIPTS = {"train_ddp.py": "train", "export.py": "export", "benchmark.py": "benchmark"}
 
 
@@ -95,7 +96,7 @@ def problems_in(path: Path) -> list[str]:
 def test_the_docs_are_read() -> None:
     lines = [line for path in DOCS for _, line in fenced_lines(path)]
     commands = [name for line in lines for name, _ in kvseg_commands(line)]
-    assert {"train", "export", "benchmark", "predict", "check", "report"} <= set(commands)
+    assert {"train", "export", "benchmark", "predict", "check", "preprocess", "report"} <= set(commands)
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)

@@ -19,12 +19,12 @@ LAYERS = {
     "runs": 2,
     "evaluation": 3,
     "training": 4, "deploy": 4,
-    "video": 5,
+    "video": 5, "planning": 5,
     "bench": 6,
     "commands": 7,
-    "entry": 8,  # kvseg/__main__.py and the python -m kvseg.check / predict / report modules
+    "entry": 8,  # kvseg/__main__.py and the python -m kvseg.check / predict / preprocess / report modules
 }
-ENTRY_MODULES = {"__main__", "check", "predict", "report"}
+ENTRY_MODULES = {"__main__", "check", "predict", "preprocess", "report", "plan"}
 MAX_LINES = 300
 
 

@@ -118,3 +118,25 @@ def test_threshold_tuning_maximises_per_image_dice() -> None:
     choice = tune_threshold(lambda x: x, DataLoader(TensorSplit(logits, masks), batch_size=3), grid)
     assert choice.value == 0.25  # the best Dice, and of the ties the nearest to 0.5
     assert choice.dice == pytest.approx([2 * 18 / (2 * 18 + 18), 1.0, 1.0, 1.0, 0.0, 0.0])
+
+
+def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_more_images() -> None:
+    from kvseg.evaluation.uncertainty import bootstrap_interval, within
+
+    rng = np.random.default_rng(0)
+    few, many = rng.uniform(0.5, 1.0, 36), rng.uniform(0.5, 1.0, 360)
+    narrow, wide = bootstrap_interval(many), bootstrap_interval(few)
+    assert wide[0] < few.mean() < wide[1] and narrow[0] < many.mean() < narrow[1]
+    assert (narrow[1] - narrow[0]) < 0.5 * (wide[1] - wide[0])  # about 1 / sqrt(10) as wide
+    assert bootstrap_interval(few) == wide and bootstrap_interval([0.7]) is None  # seeded; undefined for one image
+    assert within((0.7, 0.8), {3: 0.69, 5: 0.75, 9: 0.8, 11: None}) == [5, 9]
+
+
+def test_evaluation_reports_the_interval_of_per_image_dice() -> None:
+    masks = torch.zeros(8, 1, 16, 16)
+    masks[:, :, 4:12, 4:12] = 1
+    logits = torch.where(masks > 0, 5.0, -5.0)
+    logits[:3, :, 4:8] = -5.0  # three images lose half their object
+    result = score(logits, masks)
+    low, high = result.dice_ci95
+    assert low < result.per_image.dice < high and low >= 2 / 3 - 1e-9 and high <= 1.0

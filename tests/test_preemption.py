@@ -48,7 +48,7 @@ def test_a_request_between_epochs_is_voted_on_and_a_skipped_step_is_not_counted(
     control.request_stop("test")
     assert control.vote() and control.preempted
     assert control.after_step() and control.steps == 1 and control.reason is None
-    assert control.after_step() and control.reason == "steps"
+    assert control.after_step() and control.reason == "epochs"  # the step limit of an epoch-based run
 
 
 def _worker(results) -> None:

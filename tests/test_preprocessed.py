@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import kvseg.bench.loader
 import kvseg.data.preprocessed
 from conftest import kvseg_messages
 from kvseg.bench.loader import loader_markdown, measure_loader, worker_counts
@@ -123,24 +124,38 @@ def test_cache_setting_and_its_legacy_bool() -> None:
         load_config(overrides=["data.cache=ram"])
 
 
-def test_worker_counts() -> None:
-    assert worker_counts(1) == [0, 1]
-    assert worker_counts(2) == [0, 1, 2]
-    assert worker_counts(6) == [0, 1, 2, 4, 6]
+def test_worker_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert worker_counts(load_config(overrides=["data.num_workers=4"])) == [1, 4]
+    assert worker_counts(load_config(overrides=["data.num_workers=0"])) == [1]
+    monkeypatch.setattr(kvseg.bench.loader, "default_num_workers", lambda: 7)
+    assert worker_counts(load_config()) == [1, 7]
 
 
-def test_loader_benchmark_reports_every_size_source_and_worker_count(dataset_copy: Path) -> None:
-    cfg = load_config(overrides=["data.image_size=32", "train.batch_size=4"])
+def test_loader_benchmark_reports_both_paths_beside_the_step(dataset_copy: Path) -> None:
+    cfg = load_config(overrides=["data.image_size=32", "train.batch_size=4", "data.num_workers=2", "model.base_channels=4",
+                                 "model.depth=2"])
     samples = list(find_samples(dataset_copy).values())[:12]
     report = measure_loader(cfg, samples, BINARY, seconds=0.2, sizes=[32, 48])
-    assert [entry["image_size"] for entry in report["sizes"]] == [32, 48]
+    assert [entry["image_size"] for entry in report["sizes"]] == [32, 48] and report["workers"] == [1, 2]
     for entry in report["sizes"]:
-        sources = {(row["source"], row["workers"]) for row in entry["rows"]}
-        assert sources == {(s, w) for s in ("decode", "disk cache") for w in worker_counts(len(os.sched_getaffinity(0)))}
+        size = entry["image_size"]
+        rows = {(row["path"], row["source"], row["workers"]): row for row in entry["rows"]}
+        assert set(rows) == {(p, s, w) for p in ("workers", "device") for s in ("decode", "disk cache") for w in (1, 2)}
         assert all(row["images_per_s"] > 0 and row["images_timed"] > 0 for row in entry["rows"])
-        assert entry["cache_mib"] > 0
+        two = rows["workers", "disk cache", 2]
+        assert two["per_worker"] == pytest.approx(two["images_per_s"] / 2)
+        # float32 image (3 S S x 4 bytes) + uint8 mask + int64 index, against uint8 image + mask + index
+        assert rows["workers", "disk cache", 1]["bytes_per_image"] == 13 * size * size + 8
+        assert rows["device", "disk cache", 1]["bytes_per_image"] == 4 * size * size + 8
+        assert entry["cache_mib"] > 0 and entry["step"]["images_per_s"] > 0 and entry["step"]["steps"] >= 1
+        assert entry["device_augment"]["images_per_s"] > 0 and entry["device_augment"]["device"] == "cpu"
     table = "\n".join(loader_markdown(report))
-    assert table.count("| 48 | disk cache |") == len(worker_counts(len(os.sched_getaffinity(0))))
+    assert table.count("| 48 | device | disk cache |") == 2
+    verdict = [line for line in table.splitlines() if "the loader delivers" in line]
+    assert len(verdict) == 4 and all(" x what the step consumes (" in line for line in verdict)
+    entry = report["sizes"][1]
+    delivered = next(r for r in entry["rows"] if (r["path"], r["source"], r["workers"]) == ("device", "disk cache", 2))
+    assert f"{delivered['images_per_s'] / entry['step']['images_per_s']:.1f} x" in verdict[3]
 
 
 @pytest.mark.parametrize("damage", ["garbage index", "ids missing", "masks truncated", "images deleted"])

@@ -95,7 +95,9 @@ def test_run_folder_contents(two_process_run: tuple[Path, subprocess.CompletedPr
     chosen = max(history, key=lambda h: h["val_dice"])
     assert selection["split"] == "validation" and selection["epoch"] == chosen["epoch"] == best["epoch"]
     assert selection["score"] == pytest.approx(chosen["val_dice"])
-    assert json.loads((run_dir / "metrics.json").read_text())["selection"] == selection
+    final = json.loads((run_dir / "metrics.json").read_text())["selection"]
+    assert {k: final[k] for k in selection} == selection and final["epochs_within_ci95"] in ([], [1], [2])
+    assert final["dice_ci95"][0] < selection["score"] < final["dice_ci95"][1]
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
@@ -138,6 +140,21 @@ def test_the_test_split_never_influences_selection(two_process_run: tuple[Path, 
     events.Reload()
     assert [e.step for e in events.Scalars("val_dice")] == [1, 2]
     assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([h["train_loss"] for h in history])
+
+
+def test_two_processes_augment_on_the_device(synthetic_root: Path, tmp_path: Path) -> None:
+    """uint8 batches augmented per batch in each process; the second process waits for the first's preparation."""
+    result = run(TWO_CPU_PROCESSES, "--data-dir", str(synthetic_root), "--epochs", "1", "--output-dir", str(tmp_path),
+                 "--run-name", "dev", *TINY, "--set", "data.augment_on=device", "--set", "eval.tta=[]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "dev"
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["augment_on"] == "device" and environment["num_processes"] == 2
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history) == 1 and 0 < history[0]["train_loss"] < 5 and history[0]["val_dice"] is not None
+    test_ids = (synthetic_root / "test.txt").read_text().split()
+    assert _metrics(run_dir)["num_images"] == len(test_ids)
+    assert sum(_metrics(run_dir)["confusion_matrix"].values()) == len(test_ids) * 64 * 64
 
 
 def test_learning_curve_from_the_kept_epochs(two_process_run: tuple[Path, subprocess.CompletedProcess],

@@ -15,7 +15,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 from kvseg.config import Config
 from kvseg.data.augment import build_train_transform
 from kvseg.data.dataset import SegmentationDataset, build_dataloaders
+from kvseg.data.device_augment import DeviceBatches
 from kvseg.data.folder import Sample
 from kvseg.data.masks import MaskEncoding
 from kvseg.data.preprocessed import PreprocessedFrames
 from kvseg.models.losses import build_loss
 from kvseg.models.unet import build_model
-from kvseg.runtime import cpu_threads_per_process, resolve_mixed_precision
+from kvseg.runtime import cpu_threads_per_process, resolve_augment_on, resolve_mixed_precision
 from kvseg.training.factory import build_accelerator, prepare_model
 from kvseg.training.optim import build_optimizer
 from kvseg.training.train import PHASES, PhaseTimer, train_one_epoch
@@ -109,24 +110,28 @@ def _cycle(loader: DataLoader):
 
 
 class Harness:
-    """The training loop as ``train_ddp.py`` sets it up (precision, channels_last, workers, cache), in one process."""
+    """The training loop as ``train_ddp.py`` sets it up (precision, channels_last, workers, cache, where it
+    augments: ``data.augment_on``), in one process."""
 
     def __init__(self, cfg: Config, samples: list[Sample], encoding: MaskEncoding,
                  frames: PreprocessedFrames | None = None) -> None:
         gpu = torch.cuda.is_available()
-        precision = resolve_mixed_precision("auto")
-        if gpu and precision == "no" and torch.cuda.is_bf16_supported():
-            precision = "bf16"  # what configs/accelerate/gpu_*.yaml launch with
-        self.cfg, self.accelerator = cfg, build_accelerator(cfg, precision)
+        self.cfg, self.accelerator = cfg, build_accelerator(cfg, resolve_mixed_precision("auto"))
         if self.accelerator.device.type == "cpu":
             torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))  # as a run sets it
         torch.manual_seed(0)
         model = prepare_model(cfg, self.accelerator)
         optimizer, self.loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)
-        dataset = SegmentationDataset(samples, cfg.data.image_size, build_train_transform(cfg.augment),
+        self.augment_on = resolve_augment_on(cfg.data.augment_on, self.accelerator.device,
+                                             bool(cfg.augment.workers_only()))
+        on_device = self.augment_on == "device"
+        dataset = SegmentationDataset(samples, cfg.data.image_size, None if on_device else build_train_transform(cfg.augment),
                                       encoding, cache=cfg.data.cache != "off", seed=0, frames=frames)
+        self.augment = DeviceBatches(cfg.augment, self.accelerator.device, dataset.sample_seed,
+                                     cfg.train.channels_last).augment if on_device else None
         loader = build_dataloaders(cfg, {"train": dataset}, pin_memory=gpu)["train"]
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader,
+                                                                           device_placement=[True, True, not on_device])
         self.epoch = 0
         self.losses: list[tuple[int, float]] = []  # (images, mean loss) of every train_one_epoch call
 
@@ -137,7 +142,8 @@ class Harness:
             self.epoch += 1
             self.loader.set_epoch(self.epoch)
             stats = train_one_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.accelerator,
-                                    self.cfg.train.channels_last, "benchmark", max_steps=steps - done, timer=timer)
+                                    self.cfg.train.channels_last, "benchmark", max_steps=steps - done, timer=timer,
+                                    augment=self.augment)
             done += math.ceil(stats.images / self.cfg.train.batch_size)
             images, seconds = images + stats.images, seconds + stats.seconds
             self.losses.append((stats.images, stats.loss))
@@ -146,7 +152,46 @@ class Harness:
     def settings(self) -> dict:
         return {"mixed_precision": self.accelerator.mixed_precision, "num_workers": self.loader.num_workers,
                 "device": str(self.accelerator.device), "torch_threads": torch.get_num_threads(),
-                "data_source": self.loader.dataset.source}
+                "data_source": self.loader.dataset.source, "augment_on": self.augment_on}
+
+
+def step_images_per_s(cfg: Config, image_size: int, seconds: float) -> dict:
+    """What the training step consumes at ``image_size``: images/s of forward, loss, backward and optimizer step.
+
+    The run's model, batch size, precision (``--mixed-precision auto``) and memory layout, on a
+    batch already on the device (random images and masks): no loader, so this is the pace a loader
+    has to keep. One untimed step, then at least one and about ``seconds`` timed. Returns
+    ``{"images_per_s", "steps", "device", "mixed_precision"}``.
+    """
+    cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
+    accelerator = build_accelerator(cfg, resolve_mixed_precision("auto"))
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
+    torch.manual_seed(0)
+    model = prepare_model(cfg, accelerator)
+    optimizer, loss_fn = build_optimizer(model, cfg.train), build_loss(cfg.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    images = torch.randn(cfg.train.batch_size, 3, image_size, image_size, device=accelerator.device)
+    images = images.contiguous(memory_format=memory_format)
+    masks = (torch.rand(cfg.train.batch_size, 1, image_size, image_size, device=accelerator.device) > 0.8).float()
+    sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        loss = loss_fn(model(images).float(), masks)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    sync()
+    steps, start = 0, time.perf_counter()
+    while steps == 0 or time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+        sync()
+    return {"images_per_s": steps * cfg.train.batch_size / (time.perf_counter() - start), "steps": steps,
+            "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision}
 
 
 def phase_split(harness: Harness, steps: int) -> dict:

@@ -36,6 +36,26 @@ def _finish(cfg: AugmentConfig) -> list[A.BasicTransform]:
     return [A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0), ToTensorV2()]
 
 
+def _beyond_the_study(cfg: AugmentConfig) -> list[A.BasicTransform]:
+    """Scale and photometric transforms, each present only when its probability is above 0 (the study's pipeline
+    is unchanged by default). Limits are albumentations' usual ones, named in :class:`kvseg.config.AugmentConfig`."""
+    transforms = []
+    if cfg.scale_p > 0 and cfg.scale_limit > 0:
+        transforms.append(A.Affine(scale=(1 - cfg.scale_limit, 1 + cfg.scale_limit), interpolation=cv2.INTER_LINEAR,
+                                   mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0,
+                                   fill_mask=0, p=cfg.scale_p))
+    if cfg.brightness_contrast_p > 0:
+        transforms.append(A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=cfg.brightness_contrast_p))
+    if cfg.hue_saturation_p > 0:
+        transforms.append(A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10,
+                                               p=cfg.hue_saturation_p))
+    if cfg.blur_p > 0:
+        transforms.append(A.GaussianBlur(blur_limit=(3, 7), p=cfg.blur_p))
+    if cfg.jpeg_p > 0:
+        transforms.append(A.ImageCompression(quality_range=(50, 95), p=cfg.jpeg_p))
+    return transforms
+
+
 def build_train_transform(cfg: AugmentConfig) -> A.Compose:
     """Random rotation (plus 90-degree turns), horizontal/vertical flip and transpose, then normalise.
 
@@ -57,6 +77,7 @@ def build_train_transform(cfg: AugmentConfig) -> A.Compose:
             A.HorizontalFlip(p=cfg.hflip_p),
             A.VerticalFlip(p=cfg.vflip_p),
             A.Transpose(p=cfg.transpose_p),
+            *_beyond_the_study(cfg),
             *_finish(cfg),
         ]
     )

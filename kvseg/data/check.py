@@ -8,7 +8,8 @@ over and why; image sizes and modes; the mask encoding decided and the value set
 instrument fraction (min / median / max) and the ids of empty masks; every image/mask size
 mismatch; duplicate images (same decoded pixels under two ids); the split files and their status.
 Exit status 0 when the folder can be trained on, 2 when it cannot. Training prints the same
-summary, shorter, before epoch 1 (:func:`check_training_data`).
+summary, shorter, before epoch 1 (:func:`kvseg.data.prepare.prepare_training_data`), from a record of
+the pairs kept beside the disk cache when the files have not changed since.
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from kvseg.config import Config, DataConfig
+from kvseg.config import DataConfig
 from kvseg.data.encodings import EncodingDecision, decide_encoding
 from kvseg.data.folder import FolderScan, Sample, image_to_rgb, open_upright, preview, scan_folder
 from kvseg.data.masks import MaskValues, inspect_mask, misfit_message
 from kvseg.data.splits import SPLIT_FILES, Split, resolve_split
-from kvseg.errors import CorruptImageError, DatasetError, KvsegError, user_message
+from kvseg.errors import CorruptImageError, KvsegError, user_message
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +165,13 @@ class FolderReport:
                 + more + f" (python -m kvseg.check {self.root} lists them all)")
 
 
-def check_folder(root: str | Path, data: DataConfig | None = None, workers: int | None = None) -> FolderReport:
+def check_folder(root: str | Path, data: DataConfig | None = None, workers: int | None = None,
+                 read: Callable[[FolderScan], list[PairRecord]] | None = None) -> FolderReport:
     """Read every pair under ``root`` and report on it (see the module docstring).
 
     ``data`` gives the mask encoding settings and the seeded split (defaults: :class:`DataConfig`).
+    ``read`` gives the :class:`PairRecord` of every pair of the scan, in order, instead of decoding
+    them (:mod:`kvseg.data.prepare` keeps them from an earlier check of the same files).
 
     Raises:
         DatasetError: the folder, ``images/`` or ``masks/`` is missing, or holds no image.
@@ -182,7 +186,7 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
         errors.append(f"{scan.root / 'images'}: no image for {len(scan.masks_without_image)} mask(s): "
                       f"{preview(scan.masks_without_image, LISTED)} (expected an image with the same file stem)")
     samples = list(scan.samples.values())
-    records = read_pairs(samples, workers)
+    records = read(scan) if read is not None else read_pairs(samples, workers)
     for record in records:
         errors += record.problems
 
@@ -221,7 +225,8 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
     split, split_line = None, ""
     present = [name for name in SPLIT_FILES if (scan.root / name).is_file()]
     try:
-        split = resolve_split(scan.root, scan.samples, data.split_seed, data.test_fraction, data.val_fraction)
+        split = resolve_split(scan.root, scan.samples, data.split_seed, data.test_fraction, data.val_fraction,
+                              data.val_min_images)
         counts = f"{len(split.train)} train / {len(split.val)} validation / {len(split.test)} test"
         split_line = (f"{', '.join(present)}: {counts}, from {split.source}; every id found, none in two splits"
                       if present else
@@ -236,32 +241,3 @@ def check_folder(root: str | Path, data: DataConfig | None = None, workers: int 
     if duplicates:
         warnings.append(f"duplicate images: {report._duplicates_text()}")
     return report
-
-
-def check_training_data(cfg: Config, accelerator) -> None:
-    """Before epoch 1: check ``cfg.data.root`` on the main process, print the brief summary and fix the mask encoding.
-
-    The encoding decided (or the one ``data.mask_encoding`` names) is written into
-    ``cfg.data.mask_encoding`` on every process, so the config saved in the run folder and in every
-    checkpoint reads masks the same way on resume, in the report and in export.
-
-    Raises:
-        DatasetError: the check found errors (the first three are named).
-    """
-    from accelerate.utils import broadcast_object_list
-
-    outcome: list = [None]
-    if accelerator.is_main_process:
-        try:
-            report = check_folder(cfg.data.root, cfg.data)
-            for line in report.lines(brief=True):
-                logger.info(line)
-            outcome = [(report.decision.encoding.name if report.decision else None, report.error_line())]
-        except KvsegError as exc:
-            outcome = [(None, user_message(exc))]
-    broadcast_object_list(outcome)
-    encoding, error = outcome[0]
-    if error:
-        raise DatasetError(error)
-    if encoding:
-        cfg.data.mask_encoding = encoding

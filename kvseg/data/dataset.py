@@ -1,8 +1,9 @@
 """The PyTorch side of a dataset: :class:`SegmentationDataset`, its caches, and the loaders.
 
 A dataset reads image/mask pairs found by :mod:`kvseg.data.folder`, resizes them, runs an albumentations
-pipeline from :mod:`kvseg.data.augment` and returns tensors; :func:`build_dataloaders` makes the
-train / evaluation loaders of a run with the worker policy of :mod:`kvseg.runtime`.
+pipeline from :mod:`kvseg.data.augment` and returns tensors — or, without a pipeline, the uint8 pair
+that :mod:`kvseg.data.device_augment` augments and normalises on the device; :func:`build_dataloaders`
+makes the train / evaluation loaders of a run with the worker policy of :mod:`kvseg.runtime`.
 
 Decoded, resized pairs come from one of three places (``data.cache``): ``disk``, the persistent
 memory-mapped cache of :mod:`kvseg.data.preprocessed` (decoded once per folder and size, then read by
@@ -27,7 +28,7 @@ from kvseg.data.folder import Sample
 from kvseg.data.masks import MaskEncoding
 from kvseg.data.preprocessed import CacheUnavailable, PreprocessedFrames, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.errors import EmptyDatasetError
-from kvseg.runtime import default_num_workers, single_threaded_opencv, worker_ignores_stop_signals
+from kvseg.runtime import default_num_workers, init_worker, single_threaded_opencv
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class SegmentationDataset(Dataset):
     """Image/mask pairs, resized, augmented and returned as ``(image, mask, index)``.
 
     ``image`` is what ``transform`` returns (a normalised float tensor (3, S, S) for kvseg's
-    pipelines), ``mask`` a uint8 tensor (1, S, S) in {0, 1} and ``index`` the position in ``samples``.
+    pipelines; without ``transform`` the uint8 RGB array (S, S, 3) as decoded, for augmentation on the
+    device), ``mask`` a uint8 tensor (1, S, S) in {0, 1} and ``index`` the position in ``samples``.
 
     Masks are read through ``encoding``, the dataset's one mask encoding (:mod:`kvseg.data.masks`); pass
     the encoding decided for the whole folder. None decides it from these samples' masks alone.
@@ -126,19 +128,21 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image, mask = self.load(index)
-        if self.transform is None:
-            return torch.from_numpy(image.copy()), torch.from_numpy(mask.copy())[None], index
+        if self.transform is None:  # fresh arrays or views of the cache: collating copies them into the batch
+            return torch.from_numpy(image), torch.from_numpy(mask)[None], index
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(self.sample_seed(index))
         out = self.transform(image=image, mask=mask)
         return out["image"], torch.as_tensor(out["mask"], dtype=torch.uint8)[None], index
 
 
-def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskEncoding) -> PreprocessedFrames | None:
+def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskEncoding,
+                   build: bool = True) -> PreprocessedFrames | None:
     """The on-disk cache entry of every sample when ``data.cache`` is ``disk``, else None.
 
-    Where the entry cannot be written, says so in one line and returns None (the run decodes
-    into shared memory instead).
+    Where the entry cannot be written (or, with ``build`` false, is not there: another process of
+    the machine was to write it), says so in one line and returns None (the run decodes into shared
+    memory instead).
 
     Raises:
         ConfigError: ``data.cache_dir`` is inside the data folder.
@@ -147,7 +151,7 @@ def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskE
         return None
     cache_dir = resolve_cache_dir(data.cache_dir, Path(next(iter(samples.values())).image).resolve().parents[1])
     try:
-        return open_or_build(list(samples.values()), data.image_size, encoding, cache_dir)
+        return open_or_build(list(samples.values()), data.image_size, encoding, cache_dir, build=build)
     except CacheUnavailable as reason:
         note = f"note: no on-disk cache ({reason}); decoding into shared memory during the first epoch instead"
         if note not in _NOTES_GIVEN:  # once per process: the run's evaluation at the end reads the folder again
@@ -159,35 +163,43 @@ def dataset_frames(data: DataConfig, samples: dict[str, Sample], encoding: MaskE
 _NOTES_GIVEN: set[str] = set()
 
 
-def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], augment: Sequence[str] = ("train",)
-                   ) -> dict[str, SegmentationDataset]:
+def build_datasets(cfg: Config, samples: dict[str, Sample], split: dict[str, list[str]], augment: Sequence[str] = ("train",),
+                   uint8: bool = False, build_cache: bool = True) -> dict[str, SegmentationDataset]:
     """One dataset per named split: those in ``augment`` with the random training pipeline, the others with the eval one.
 
+    With ``uint8`` every split returns its decoded uint8 pairs instead, to be augmented (those in
+    ``augment``) and normalised on the device by :class:`kvseg.data.device_augment.DeviceBatches`.
     Masks are read with ``data.mask_encoding``; under ``auto`` it is decided here from every mask in
-    ``samples``. Pairs are read through ``data.cache`` (see the module docstring).
+    ``samples``. Pairs are read through ``data.cache`` (see the module docstring); with
+    ``build_cache`` false an on-disk entry is only opened, never written (another process of this
+    machine wrote it).
     """
     encoding = dataset_encoding(cfg.data, [sample.mask for sample in samples.values()])
-    frames = dataset_frames(cfg.data, samples, encoding)
+    frames = dataset_frames(cfg.data, samples, encoding, build=build_cache)
     common = dict(image_size=cfg.data.image_size, encoding=encoding, cache=cfg.data.cache != "off", frames=frames)
-    return {
-        name: SegmentationDataset(
-            [samples[i] for i in ids],
-            transform=build_train_transform(cfg.augment) if name in augment else build_eval_transform(cfg.augment),
-            seed=cfg.train.seed, **common,
-        )
-        for name, ids in split.items()
-    }
+
+    def transform(name: str) -> Callable | None:
+        if uint8:
+            return None
+        return build_train_transform(cfg.augment) if name in augment else build_eval_transform(cfg.augment)
+
+    return {name: SegmentationDataset([samples[i] for i in ids], transform=transform(name), seed=cfg.train.seed, **common)
+            for name, ids in split.items()}
 
 
-def build_dataloaders(cfg: Config, datasets: dict[str, SegmentationDataset], num_processes: int = 1,
-                      pin_memory: bool = False) -> dict[str, DataLoader]:
-    """A loader per dataset; ``train`` shuffles. Workers (``data.num_workers``, -1: automatic) stay alive across epochs."""
-    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(num_processes)
+def build_dataloaders(cfg: Config, datasets: dict[str, SegmentationDataset], pin_memory: bool = False
+                      ) -> dict[str, DataLoader]:
+    """A loader per dataset with ``data.num_workers`` workers (-1: :func:`kvseg.runtime.default_num_workers`).
+
+    ``train`` shuffles, and only its workers stay alive across epochs: the validation and test
+    loaders run a few batches now and then, and their workers would idle through training.
+    """
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers()
     if workers:
         single_threaded_opencv()
     return {
         name: DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=name == "train", num_workers=workers,
-                         pin_memory=pin_memory, persistent_workers=workers > 0,
-                         worker_init_fn=worker_ignores_stop_signals if workers else None)
+                         pin_memory=pin_memory, persistent_workers=workers > 0 and name == "train",
+                         worker_init_fn=init_worker if workers else None)
         for name, dataset in datasets.items()
     }

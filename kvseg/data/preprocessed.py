@@ -83,16 +83,21 @@ def resolve_cache_dir(configured: str, data_root: str | Path) -> Path:
     return folder
 
 
+def file_fingerprint(path: str | Path) -> list:
+    """A file's resolved path, size, mtime, ctime (ns) and inode: what changes when it is edited, replaced or copied over."""
+    stat = Path(path).stat()  # ctime and inode too: a copy that keeps size and mtime (cp -p) changes them
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def fingerprints(samples: Sequence[Sample]) -> list[list]:
+    """Per sample, by id: the id and the :func:`file_fingerprint` of its image and its mask."""
+    return [[s.id, *file_fingerprint(s.image), *file_fingerprint(s.mask)] for s in sorted(samples, key=lambda s: s.id)]
+
+
 def cache_key(samples: Sequence[Sample], image_size: int, encoding: MaskEncoding) -> str:
     """SHA-256 (hex) of the format, size, encoding and each file's resolved path, size, mtime, ctime (ns) and inode."""
-    files = []
-    for sample in sorted(samples, key=lambda s: s.id):
-        entry = [sample.id]
-        for path in (sample.image, sample.mask):
-            stat = Path(path).stat()  # ctime and inode too: a copy that keeps size and mtime (cp -p) changes them
-            entry += [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-        files.append(entry)
-    described = {"format": FORMAT_VERSION, "image_size": image_size, "encoding": asdict(encoding), "files": files}
+    described = {"format": FORMAT_VERSION, "image_size": image_size, "encoding": asdict(encoding),
+                 "files": fingerprints(samples)}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -209,28 +214,37 @@ def entry_damage(folder: Path, ids: Sequence[str], image_size: int) -> str | Non
     return None
 
 
+def entry_folder(samples: Sequence[Sample], image_size: int, encoding: MaskEncoding, cache_dir: str | Path) -> Path:
+    """Where the entry of ``samples`` at ``image_size`` read through ``encoding`` lives: ``CACHE_DIR/<folder>-<size>px-<key>``."""
+    root_name = Path(samples[0].image).resolve().parents[1].name or "data"
+    return Path(cache_dir) / f"{root_name}-{image_size}px-{cache_key(samples, image_size, encoding)[:16]}"
+
+
 def open_or_build(samples: Sequence[Sample], image_size: int, encoding: MaskEncoding, cache_dir: str | Path,
-                  quiet: bool = False) -> PreprocessedFrames:
-    """The cache entry of ``samples`` at ``image_size`` under ``cache_dir``, written first if missing.
+                  quiet: bool = False, build: bool = True) -> PreprocessedFrames:
+    """The cache entry of ``samples`` at ``image_size`` under ``cache_dir``, written first if missing (and ``build``).
 
     An entry that exists but is damaged (:func:`entry_damage`) is said so in one line, removed and
     written again. A new entry is announced in one line with its size, unless ``quiet``.
 
     Raises:
-        CacheUnavailable: the entry is missing and cannot be written there (the message says why).
+        CacheUnavailable: the entry is missing and cannot be written there (the message says why), or
+            is missing and ``build`` is false.
         CorruptImageError, ImageTooLargeError: a file cannot be read (nothing is left behind).
     """
     samples = sorted(samples, key=lambda s: s.id)
-    key = cache_key(samples, image_size, encoding)
-    root_name = Path(samples[0].image).resolve().parents[1].name or "data"
     cache_dir = Path(cache_dir)
-    entry = cache_dir / f"{root_name}-{image_size}px-{key[:16]}"
+    entry = entry_folder(samples, image_size, encoding, cache_dir)
     if (entry / INDEX).is_file():
         damage = entry_damage(entry, [sample.id for sample in samples], image_size)
         if damage is None:
             return PreprocessedFrames(entry)
+        if not build:
+            raise CacheUnavailable(f"cache entry {entry} is damaged ({damage})")
         logger.info(f"note: cache entry {entry} is damaged ({damage}); decoding the folder again")
         shutil.rmtree(entry, ignore_errors=True)
+    if not build:
+        raise CacheUnavailable(f"cache entry {entry} was not written by this machine's first process")
     needed = len(samples) * image_size * image_size * 4
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

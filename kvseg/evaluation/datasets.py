@@ -23,5 +23,5 @@ def eval_datasets(cfg: Config, run: RunDir | None, data_dir: str | Path | None =
     root = Path(data_dir or cfg.data.root)
     samples = find_samples(root)
     split = run.split(cfg, root) if run is not None else resolve_split(
-        root, samples, cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
+        root, samples, cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction, cfg.data.val_min_images)
     return build_datasets(cfg, samples, dict(split.items()), augment=())

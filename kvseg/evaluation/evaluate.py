@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kvseg.evaluation.metrics import ConfusionMatrix, Scores, SegmentationMetrics, logit_of, scores_from_counts
+from kvseg.evaluation.metrics import ConfusionMatrix, Processes, Scores, SegmentationMetrics, logit_of, scores_from_counts
 from kvseg.evaluation.tta import with_tta
+from kvseg.evaluation.uncertainty import bootstrap_interval
 
 
 class LogitsFn(Protocol):
@@ -111,6 +112,7 @@ class EvalResult:
     transforms: list[str] = field(default_factory=list)  # test-time augmentation; [] for plain
     undefined: dict[str, str] = field(default_factory=dict)
     agreement: Agreement | None = None  # against the reference logits function, when one was given
+    dice_ci95: list[float] | None = None  # 95% bootstrap interval of the per-image Dice (kvseg.evaluation.uncertainty)
 
     @property
     def num_images(self) -> int:
@@ -160,43 +162,54 @@ def evaluate(
     loss_fn: nn.Module | None = None,
     loss_name: str | None = None,
     tta: Sequence[str] = (),
-    gather: Callable | None = None,
+    processes: Processes | None = None,
     reference: LogitsFn | None = None,
+    normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
     """Score ``logits_fn`` on every ``(images, masks, index)`` batch of ``loader``.
 
     Args:
         logits_fn: see :class:`LogitsFn`.
-        loader: yields normalised images (B, 3, H, W), masks (B, 1, H, W) in {0, 1} and dataset
-            indices (B,); ``loader.dataset.samples[index].id`` names each image.
+        loader: yields normalised images (B, 3, H, W) (or, with ``normalise``, what it takes),
+            masks (B, 1, H, W) in {0, 1} and dataset indices (B,); ``loader.dataset.samples[index].id``
+            names each image.
         threshold: probability above which a pixel is instrument.
         loss_fn: the training loss (``loss_fn(logits, masks) -> scalar``), evaluated per image.
         tta: dihedral transforms to average over (:mod:`kvseg.evaluation.tta`); empty for a plain evaluation.
-        gather: ``accelerator.gather_for_metrics`` under several processes: every image is then
-            scored exactly once, on every process.
+        processes: the ``Accelerator`` under several processes, with ``loader`` prepared by it: each
+            process scores its own images, and only counts move between them (per batch 8 numbers
+            an image, whatever its size; at the end one all-reduce of the ranking histogram; see
+            :meth:`SegmentationMetrics.update_across`). Every image is scored exactly once, padded
+            duplicates left out, and every process returns the whole result.
         reference: a second logits function run on the same images (e.g. PyTorch fp32 against an
             ONNX model); their :class:`Agreement` is returned in ``result.agreement``.
+        normalise: turns the loader's images into normalised float32 (B, 3, H, W) on the logits
+            function's device, e.g. :meth:`kvseg.data.device_augment.DeviceBatches.normalise` for
+            uint8 batches; None when the loader yields them normalised.
 
     Raises:
         ValueError: the loader yielded no batch.
     """
-    if reference is not None and gather is not None:
-        raise ValueError("a reference comparison runs in one process; do not pass gather with it")
+    if reference is not None and processes is not None:
+        raise ValueError("a reference comparison runs in one process; do not pass processes with it")
     run = with_tta(logits_fn, tta) if tta else logits_fn
     metrics = SegmentationMetrics(threshold=threshold)
     agreement = Agreement() if reference is not None else None
     indices: list[int] = []
     for images, masks, index in loader:
+        images = normalise(images) if normalise is not None else images
         logits = run(images).float()
-        losses = per_image_loss(loss_fn, logits, masks.to(logits.device)) if loss_fn is not None else None
+        masks = masks.to(logits.device)
+        losses = per_image_loss(loss_fn, logits, masks) if loss_fn is not None else None
         if agreement is not None:
             agreement.update(logits, reference(images).float(), threshold)
-        if gather is not None:
-            payload = (logits.contiguous(), masks, index) + ((losses,) if losses is not None else ())
-            logits, masks, index, *rest = gather(payload)
-            losses = rest[0] if rest else None
-        metrics.update(logits, masks, losses)
-        indices.extend(int(i) for i in index)
+        if processes is None:
+            metrics.update(logits, masks, losses)
+            indices.extend(int(i) for i in index)
+        else:
+            indices.extend(metrics.update_across(processes, logits, masks, losses, index))
+    if processes is not None:
+        metrics.reduce_histogram(processes)
     if not indices:
         raise ValueError("the loader yielded no images to evaluate")
     return _result(metrics, [loader.dataset.samples[i].id for i in indices], loss_name, list(tta), agreement)
@@ -236,6 +249,7 @@ def _result(metrics: SegmentationMetrics, ids: list[str], loss_name: str | None,
         transforms=transforms,
         undefined=undefined,
         agreement=agreement,
+        dice_ci95=list(interval) if (interval := bootstrap_interval(per_image["dice"])) else None,
     )
 
 
@@ -249,24 +263,26 @@ class ThresholdChoice:
 
 
 @torch.no_grad()
-def tune_threshold(logits_fn: LogitsFn, loader: DataLoader, grid: Sequence[float], gather: Callable | None = None
-                   ) -> ThresholdChoice:
+def tune_threshold(logits_fn: LogitsFn, loader: DataLoader, grid: Sequence[float], processes: Processes | None = None,
+                   normalise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ThresholdChoice:
     """Mean per-image Dice of ``logits_fn`` at every threshold of ``grid`` (probabilities), and the best one.
 
     Meant for the validation split, never the test split. Ties go to the threshold nearest 0.5.
-    ``gather`` as in :func:`evaluate`.
+    ``processes`` and ``normalise`` as in :func:`evaluate`: under several processes the per-image
+    counts at every threshold (T x 4 an image) are gathered, never pixels.
     """
     boundaries = torch.tensor([logit_of(t) for t in grid])
     totals, images_seen = np.zeros(len(grid)), 0
     for images, masks, _ in loader:
+        images = normalise(images) if normalise is not None else images
         logits = logits_fn(images).float().flatten(1)  # (B, P)
         target = masks.to(logits.device).bool().flatten(1)
         predicted = logits[None] > boundaries.to(logits.device)[:, None, None]  # (T, B, P)
         counts = torch.stack([(predicted & target).sum(-1), (predicted & ~target).sum(-1),
                               (~predicted & target).sum(-1), (~predicted & ~target).sum(-1)], dim=-1)  # (T, B, 4)
         counts = counts.transpose(0, 1).contiguous()  # (B, T, 4): gathered along the batch
-        if gather is not None:
-            counts = gather(counts)
+        if processes is not None:
+            counts = processes.gather_for_metrics(counts)
         tp, fp, fn, tn = counts.cpu().numpy().transpose(2, 1, 0)  # each (T, B)
         totals += scores_from_counts(tp, fp, fn, tn)["dice"].sum(axis=1)
         images_seen += tp.shape[1]

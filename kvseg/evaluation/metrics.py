@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -123,18 +124,38 @@ class ConfusionMatrix:
     tp: int
 
 
+class Processes(Protocol):
+    """What a distributed evaluation needs of the process group; ``accelerate.Accelerator`` is one."""
+
+    process_index: int
+
+    def gather_for_metrics(self, data: torch.Tensor) -> torch.Tensor: ...
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor: ...
+
+
+def confusion_counts(logits: torch.Tensor, masks: torch.Tensor, logit_threshold: float) -> torch.Tensor:
+    """Per-image tp, fp, fn, tn (B, 4) int64 of ``logits`` (B, 1, H, W) against ``masks`` (B, 1, H, W) in {0, 1}."""
+    target = masks.to(device=logits.device, dtype=torch.bool)
+    predicted = logits > logit_threshold
+    dims = tuple(range(1, logits.ndim))
+    return torch.stack([(predicted & target).sum(dims), (predicted & ~target).sum(dims),
+                        (~predicted & target).sum(dims), (~predicted & ~target).sum(dims)], dim=1)
+
+
 @dataclass
 class SegmentationMetrics:
     """Accumulates confusion counts, per-image losses and a logit histogram over batches; see the module doc.
 
     The loss is not computed here: the caller passes the per-image values of the loss it optimises,
-    so that the reported loss is always the training loss.
+    so that the reported loss is always the training loss. The histogram stays on the device of
+    the logits until it is read.
     """
 
     threshold: float = 0.5
     _counts: list[np.ndarray] = field(default_factory=list, repr=False)  # per batch: (B, 4) tp fp fn tn
     _losses: list[np.ndarray] = field(default_factory=list, repr=False)  # per batch: (B,) loss per image
-    _histogram: torch.Tensor = field(default_factory=lambda: torch.zeros(2, HISTOGRAM_BINS, dtype=torch.int64), repr=False)
+    _histogram: torch.Tensor | None = field(default=None, repr=False)  # (2, BINS) int64: negatives, positives
 
     @property
     def logit_threshold(self) -> float:
@@ -145,19 +166,60 @@ class SegmentationMetrics:
     def update(self, logits: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor | None = None) -> None:
         """Add a batch: ``logits`` (B, 1, H, W) float, ``masks`` (B, 1, H, W) in {0, 1}, ``losses`` (B,) or None."""
         logits = logits.detach().float()
-        target = masks.to(device=logits.device, dtype=torch.bool)
-        predicted = logits > self.logit_threshold
-        dims = tuple(range(1, logits.ndim))
-        tp = (predicted & target).sum(dims)
-        fp = (predicted & ~target).sum(dims)
-        fn = (~predicted & target).sum(dims)
-        tn = (~predicted & ~target).sum(dims)
-        self._counts.append(torch.stack([tp, fp, fn, tn], dim=1).cpu().numpy())
+        self.add_counts(confusion_counts(logits, masks, self.logit_threshold), losses)
+        self.add_histogram(logits, masks)
+
+    def add_counts(self, counts: torch.Tensor, losses: torch.Tensor | None = None) -> None:
+        """Add images by their confusion counts (B, 4) (:func:`confusion_counts`) and losses (B,) or None."""
+        self._counts.append(counts.long().cpu().numpy())
         if losses is not None:
             self._losses.append(losses.detach().double().cpu().numpy().reshape(-1))
+
+    @torch.no_grad()
+    def add_histogram(self, logits: torch.Tensor, masks: torch.Tensor) -> None:
+        """Count every pixel of ``logits`` (B, 1, H, W) in the ranking histogram, by its mask value."""
+        logits = logits.detach().float()
+        target = masks.to(device=logits.device, dtype=torch.bool)
         scaled = (torch.atan(logits / LOGIT_SCALE) / math.pi + 0.5) * HISTOGRAM_BINS  # monotone, in [0, BINS]
         bins = scaled.long().clamp_(0, HISTOGRAM_BINS - 1).flatten() + target.flatten().long() * HISTOGRAM_BINS
-        self._histogram += torch.bincount(bins, minlength=2 * HISTOGRAM_BINS).view(2, -1).cpu()
+        counted = torch.bincount(bins, minlength=2 * HISTOGRAM_BINS).view(2, -1)
+        self._histogram = counted if self._histogram is None else self._histogram + counted.to(self._histogram.device)
+
+    @torch.no_grad()
+    def update_across(self, processes: Processes, logits: torch.Tensor, masks: torch.Tensor,
+                      losses: torch.Tensor | None, index: torch.Tensor) -> list[int]:
+        """Add this process's batch of a distributed evaluation; returns the dataset indices of the images added.
+
+        Every process gathers the batch's per-image record — counts, loss, dataset index, and which
+        process holds the image at which position: 8 float64 numbers an image, whatever its size —
+        through ``gather_for_metrics``, which drops the duplicates that even out the last batches
+        (accelerate's ``even_batches``). Each process then adds every image's counts and loss, in
+        the order of the gathered rows, and only its own surviving images' pixels to its
+        histogram; :meth:`reduce_histogram` sums the histograms once at the end.
+        """
+        logits = logits.detach().float()
+        n = len(logits)
+        origin = torch.stack([torch.full((n,), float(processes.process_index)), torch.arange(n, dtype=torch.float64)], 1)
+        loss_column = losses.double().reshape(-1, 1) if losses is not None else torch.full((n, 1), math.nan)
+        record = torch.cat([confusion_counts(logits, masks, self.logit_threshold).double(), loss_column.to(logits.device),
+                            torch.as_tensor(index).double().reshape(-1, 1).to(logits.device), origin.to(logits.device)], 1)
+        rows = processes.gather_for_metrics(record.contiguous()).cpu()  # (N, 8): tp fp fn tn loss index process position
+        self.add_counts(rows[:, :4].long(), rows[:, 4] if losses is not None else None)
+        own = rows[rows[:, 6] == processes.process_index, 7].long().to(logits.device)  # may be none: all padding
+        self.add_histogram(logits[own], masks.to(logits.device)[own])
+        return rows[:, 5].long().tolist()
+
+    def reduce_histogram(self, processes: Processes) -> None:
+        """Sum the histograms of every process (one all-reduce of 2 x :data:`HISTOGRAM_BINS` int64) into each."""
+        if self._histogram is None:
+            self._histogram = torch.zeros(2, HISTOGRAM_BINS, dtype=torch.int64)
+        self._histogram = processes.reduce(self._histogram, reduction="sum")
+
+    def histogram(self) -> np.ndarray:
+        """The ranking histogram (2, :data:`HISTOGRAM_BINS`) int64: row 0 background pixels, row 1 instrument pixels."""
+        if self._histogram is None:
+            return np.zeros((2, HISTOGRAM_BINS), np.int64)
+        return self._histogram.cpu().numpy()
 
     @property
     def num_images(self) -> int:
@@ -186,11 +248,13 @@ class SegmentationMetrics:
 
     def ranking(self) -> tuple[float, float]:
         """(average precision, ROC AUC); NaN where undefined (see :func:`ranking_scores`)."""
-        return ranking_scores(self._histogram[1].numpy(), self._histogram[0].numpy())
+        histogram = self.histogram()
+        return ranking_scores(histogram[1], histogram[0])
 
     def curves(self) -> dict:
         """Precision-recall and ROC curve points (see :func:`ranking_curves`)."""
-        return ranking_curves(self._histogram[1].numpy(), self._histogram[0].numpy())
+        histogram = self.histogram()
+        return ranking_curves(histogram[1], histogram[0])
 
 
 def logit_of(probability: float) -> float:

@@ -136,6 +136,12 @@ def _selection_fact(metrics: dict) -> str:
     chosen = (f"best.pt: epoch {selection['epoch']} by validation {selection['metric']} {selection['score']:.4f}"
               if selection.get("split") else f"best.pt: epoch {selection.get('epoch', '?')} (no validation split: the last)")
     stopped = ", stopped early" if metrics.get("stopped_early") else ""
+    if selection.get("dice_ci95"):
+        low, high = selection["dice_ci95"]
+        others = selection.get("epochs_within_ci95") or []
+        chosen += (f" (validation Dice 95% bootstrap interval {low:.3f}-{high:.3f}"
+                   + (f"; {len(others)} other evaluated epoch(s) score inside it ({', '.join(map(str, others[-10:]))}): "
+                      "the validation split cannot tell them apart" if others else "") + ")")
     tuned = " (tuned on validation)" if threshold.get("tuned_on") else ""
     return f"{chosen}{stopped}; threshold {threshold.get('value', metrics['test']['threshold'])}{tuned}"
 

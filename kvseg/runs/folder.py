@@ -3,7 +3,7 @@
 This is the only module that spells a file name inside a run folder (the report's figures are
 named by :mod:`kvseg.evaluation.report`). Layout, as the README describes it::
 
-    RUN/config.yaml  train.txt  val.txt  test.txt  environment.json  history.json  metrics.json
+    RUN/config.yaml  train.txt  val.txt  test.txt  environment.json  history.json  metrics.json  plan.yaml
     RUN/per_image.csv  index.html  logs/                 (logs/: experiment trackers)
     RUN/checkpoints/best.pt  last.pt  state/       (state/: accelerate's save_state + progress.json)
     RUN/model.onnx  model_fp16.onnx  model_int8.onnx  export.json  benchmark.json  benchmark.md
@@ -73,6 +73,7 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.yaml")
     environment = property(lambda self: self.path / "environment.json")
+    plan = property(lambda self: self.path / "plan.yaml")  # train_ddp.py --plan auto: the plan and its reasons
     history = property(lambda self: self.path / "history.json")
     metrics = property(lambda self: self.path / "metrics.json")
     per_image = property(lambda self: self.path / "per_image.csv")
@@ -98,10 +99,6 @@ class RunDir:
         return precision_path(self.path / "model.onnx", precision)
 
     # -- the training state ------------------------------------------------------------------
-
-    def has_state(self) -> bool:
-        """True when the folder holds a training state to resume from (see :meth:`state_dir`)."""
-        return any((self.checkpoints / name / "progress.json").is_file() for name in ("state", "state.old"))
 
     def state_dir(self) -> Path:
         """The accelerate state last saved (an epoch's end or a preempted step), else one a crashed swap left.
@@ -193,11 +190,13 @@ class RunDir:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def write_start(self, cfg: Config, split: Split, environment: dict) -> None:
-        """The resolved config, the split and the environment record, at the start of a run."""
+    def write_start(self, cfg: Config, split: Split, environment: dict, plan: str | None = None) -> None:
+        """The resolved config, the split, the environment record and the plan with its reasons, at the start of a run."""
         write_split(split, self.path)
         self.write_config(cfg)
         write_json(self.environment, environment)
+        if plan is not None:
+            write_text(self.plan, plan)
 
     def write_config(self, cfg: Config) -> None:
         """config.yaml: the resolved config of the run."""
@@ -241,7 +240,8 @@ class RunDir:
         """The split this run used: its saved split files (else resolved from the data folder as training would)."""
         root = Path(data_dir or cfg.data.root)
         folder = self.path if (self.path / "test.txt").is_file() else root
-        return resolve_split(folder, find_samples(root), cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction)
+        return resolve_split(folder, find_samples(root), cfg.data.split_seed, cfg.data.test_fraction, cfg.data.val_fraction,
+                             cfg.data.val_min_images)
 
 
 def blocking_file(path: Path) -> Path | None:

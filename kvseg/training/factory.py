@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +22,10 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from kvseg.config import Config, config_to_dict, config_to_yaml
-from kvseg.data.check import check_training_data
 from kvseg.data.dataset import SegmentationDataset, build_dataloaders, build_datasets
+from kvseg.data.device_augment import DeviceBatches
 from kvseg.data.folder import find_samples
+from kvseg.data.prepare import prepare_training_data
 from kvseg.data.preprocessed import resolve_cache_dir
 from kvseg.data.splits import Split, resolve_split
 from kvseg.data.synthetic import resolve_data_root
@@ -32,7 +34,15 @@ from kvseg.evaluation.evaluate import LogitsFn, torch_logits
 from kvseg.models.losses import build_loss
 from kvseg.models.unet import build_model
 from kvseg.runs.folder import Progress, RunDir, create_run, open_run
-from kvseg.runtime import cpu_threads_per_process, describe_machine, no_accelerator, resolve_mixed_precision
+from kvseg.runtime import (
+    configure_gpu_math,
+    cpu_threads_per_process,
+    describe_machine,
+    gpu_math,
+    no_accelerator,
+    resolve_augment_on,
+    resolve_mixed_precision,
+)
 from kvseg.training.optim import ProgressSchedule, build_ema, build_optimizer, build_scheduler
 from kvseg.training.resume import describe, resume_config
 
@@ -46,6 +56,7 @@ class RunOptions:
     data_dir_given: bool = False  # an explicit data dir must exist: no fall-back to synthetic data
     resume: str | None = None
     mixed_precision: str = "auto"  # "auto", "no", "fp16" or "bf16"
+    plan: str | None = None  # the plan's YAML (with its reasons) when --plan auto made the config
 
 
 @dataclass
@@ -61,19 +72,28 @@ class Training:
     loaders: dict[str, DataLoader]
     logits: LogitsFn  # what is evaluated: the averaged weights when ``ema`` is on, else the model
     weights: torch.nn.Module  # what is checkpointed: the same, unwrapped
+    # data.augment_on device: (images, masks, indices) of uint8 -> the augmented, normalised batch on the device
+    augment: Callable | None = None
+    normalise: Callable | None = None  # ... and uint8 images -> normalised ones, for evaluation; None: loaders normalise
 
 
 def build_training(cfg: Config, split: Split, accelerator: Accelerator) -> Training:
     """Model, optimizer, per-step schedule, weight average, loss and a loader per split, prepared and registered.
 
     The schedule and the weight average are registered for ``save_state`` so that a resume restores them.
+    With ``data.augment_on`` resolving to ``device`` the loaders ship uint8 pairs and stay on the
+    host (no device placement: each batch's indices are read there), and ``augment`` / ``normalise``
+    move and turn them into the model's input. The disk cache was built by :func:`start_run`'s
+    preparation; only one process per machine may build it.
     """
     model = prepare_model(cfg, accelerator)
     optimizer = build_optimizer(model, cfg.train)
-    with accelerator.local_main_process_first():  # one process per machine fills the disk cache; the others read it
-        datasets = build_datasets(cfg, find_samples(cfg.data.root), dict(split.items()))
-    loaders = build_dataloaders(cfg, datasets, accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
+    on_device = resolve_augment_on(cfg.data.augment_on, accelerator.device, bool(cfg.augment.workers_only())) == "device"
+    datasets = build_datasets(cfg, find_samples(cfg.data.root), dict(split.items()), uint8=on_device,
+                              build_cache=accelerator.is_local_main_process)
+    loaders = build_dataloaders(cfg, datasets, pin_memory=accelerator.device.type == "cuda")
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values(),
+                                                      device_placement=[True, True] + [not on_device] * len(loaders))
     loaders = dict(zip(loaders, prepared))
     scheduler = build_scheduler(optimizer, cfg.train, math.ceil(len(loaders["train"]) / cfg.train.grad_accum_steps))
     plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # the U-Net itself: what is averaged and saved
@@ -82,8 +102,11 @@ def build_training(cfg: Config, split: Split, accelerator: Accelerator) -> Train
         if stateful is not None:
             accelerator.register_for_checkpointing(stateful)
     weights = ema.module if ema is not None else plain
+    batches = DeviceBatches(cfg.augment, accelerator.device, datasets["train"].sample_seed,
+                            cfg.train.channels_last) if on_device else None
     return Training(model, optimizer, scheduler, ema, build_loss(cfg.train), datasets, loaders,
-                    scoring_fn(model, ema, cfg, accelerator), weights)
+                    scoring_fn(model, ema, cfg, accelerator), weights,
+                    batches.augment if batches else None, batches.normalise if batches else None)
 
 
 def build_accelerator(cfg: Config, mixed_precision: str = "auto") -> Accelerator:
@@ -101,7 +124,7 @@ def build_accelerator(cfg: Config, mixed_precision: str = "auto") -> Accelerator
                           "or no")
     if cpu and cfg.train.sync_batchnorm == "on":
         raise ConfigError("config key 'train.sync_batchnorm' is on, but SyncBatchNorm runs on GPUs only; use auto or off")
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
         kwargs_handlers=[process_group_timeout(cfg.train.collective_timeout_s)],
@@ -111,6 +134,8 @@ def build_accelerator(cfg: Config, mixed_precision: str = "auto") -> Accelerator
         log_with=list(cfg.train.trackers) or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
     )
+    configure_gpu_math(accelerator.device)  # cudnn.benchmark and TF32 on a GPU
+    return accelerator
 
 
 def process_group_timeout(seconds: float) -> InitProcessGroupKwargs:
@@ -119,8 +144,8 @@ def process_group_timeout(seconds: float) -> InitProcessGroupKwargs:
     gloo raises "Timed out waiting ... for recv operation to complete" after it; NCCL's watchdog aborts
     the group. The backends' default (30 minutes; accelerate's 10 for NCCL) would hold every GPU that
     long after one machine is lost. It must exceed the longest time one process works while the others
-    wait: the first process checks the dataset folder and fills the disk cache before the others
-    start (minutes for tens of thousands of frames).
+    wait in a collective: the first step under ``train.compile``, a slow checkpoint write. (The folder
+    check and the disk cache are prepared while the others wait on a file, not in a collective.)
     """
     handler = InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
     if "timeout" not in handler.to_kwargs():  # accelerate passes on only values unlike its default (600 s)
@@ -128,10 +153,15 @@ def process_group_timeout(seconds: float) -> InitProcessGroupKwargs:
     return handler
 
 
-def environment(accelerator: Accelerator) -> dict:
-    """The machine (:func:`kvseg.runtime.describe_machine`) and how this run uses it."""
-    return {**describe_machine(), "device": str(accelerator.device), "num_processes": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision}
+def environment(accelerator: Accelerator, cfg: Config | None = None) -> dict:
+    """The machine (:func:`kvseg.runtime.describe_machine`) and how this run uses it: processes, precision,
+    cuDNN autotuning and TF32 (:func:`kvseg.runtime.gpu_math`), and where training augments."""
+    used = {"device": str(accelerator.device), "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision,
+            **gpu_math()}
+    if cfg is not None:
+        used["augment_on"] = resolve_augment_on(cfg.data.augment_on, accelerator.device, bool(cfg.augment.workers_only()))
+    return {**describe_machine(), **used}
 
 
 def start_trackers(accelerator: Accelerator, cfg: Config, run: RunDir) -> None:
@@ -184,15 +214,15 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
         run = open_run(options.resume)
         state, progress = run.load_progress()
         changes = resume_config(run, cfg, progress)
-        check_training_data(cfg, accelerator)
+        prepare_training_data(cfg, accelerator.is_local_main_process)
         split = run.split(cfg)
     else:
         cfg.data.root = str(resolve_data_root(cfg.data, options.data_dir_given, accelerator))
-        check_training_data(cfg, accelerator)  # the folder summary; fixes data.mask_encoding before the config is saved
-        if cfg.data.cache == "disk":
-            resolve_cache_dir(cfg.data.cache_dir, cfg.data.root)  # a cache in the data folder stops here, before the run folder
+        resolve_cache_dir(cfg.data.cache_dir, cfg.data.root)  # a cache in the data folder stops here, before the run folder
+        # the folder summary and the disk cache, once per machine; fixes data.mask_encoding before the config is saved
+        prepare_training_data(cfg, accelerator.is_local_main_process)
         split = resolve_split(cfg.data.root, find_samples(cfg.data.root), cfg.data.split_seed, cfg.data.test_fraction,
-                              cfg.data.val_fraction)
+                              cfg.data.val_fraction, cfg.data.val_min_images)
         run, state, progress = create_run(cfg.output_dir, cfg.run_name, accelerator), None, Progress()
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_process(cfg.train.cpu_threads))
@@ -204,7 +234,7 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
         f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
     if run.keeps_copy(accelerator) and state is None:
-        run.write_start(cfg, split, environment(accelerator))
+        run.write_start(cfg, split, environment(accelerator, cfg), plan=options.plan)
     if changes:
         logger.info(f"Resuming with a changed config: {describe(changes)} (written to {run.config})")
         if run.keeps_copy(accelerator):

@@ -15,17 +15,17 @@ from functools import partial
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import gather_object, set_seed
 
 from kvseg.config import Config
 from kvseg.errors import CheckpointError, Preempted
-from kvseg.evaluation.evaluate import EvalResult, evaluate, tune_threshold
-from kvseg.runs.checkpoint import load_model_checkpoint, set_threshold
+from kvseg.evaluation.evaluate import EvalResult, evaluate
 from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
 from kvseg.training.distributed import check_process_group
 from kvseg.training.factory import RunOptions, Training, build_accelerator, build_training, load_state, start_run
 from kvseg.training.faults import FaultWatch
+from kvseg.training.finish import finish_run
 from kvseg.training.saver import CheckpointSaver
 from kvseg.training.stopping import Control, StopSignals
 from kvseg.training.train import EpochStats, check_finite, train_one_epoch
@@ -37,7 +37,8 @@ def history_record(epoch: int, stats: EpochStats, result: EvalResult | None, bes
     """One row of history.json (validation scores where the epoch was evaluated)."""
     return {"epoch": epoch, "train_loss": stats.loss, "val_loss": result.loss if result else None,
             "val_iou": result.per_image.iou if result else None, "val_dice": result.per_image.dice if result else None,
-            "best": best, "seconds": stats.seconds, "images_per_s": stats.images_per_s, "lr": stats.lr}
+            "val_dice_ci95": result.dice_ci95 if result else None, "best": best, "seconds": stats.seconds,
+            "images_per_s": stats.images_per_s, "lr": stats.lr}
 
 
 def run_training(cfg: Config, options: RunOptions) -> Path:
@@ -75,7 +76,7 @@ def train_and_evaluate(cfg: Config, options: RunOptions, accelerator: Accelerato
         saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
                                 cfg.train.keep_every)
         score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
-                        gather=accelerator.gather_for_metrics)
+                        processes=accelerator, normalise=training.normalise)
         epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
         epoch = progress.epoch
         with control.clock.running():  # the budget counts training and validation, not start-up or the final evaluation
@@ -88,11 +89,12 @@ def train_and_evaluate(cfg: Config, options: RunOptions, accelerator: Accelerato
     if progress.stopped_early:
         logger.info(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
                     f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
-    if progress.stop_reason in ("budget", "steps"):
+    agree_on_steps(control, accelerator)
+    if progress.stop_reason in ("budget", "max_steps"):
         used = control.clock.seconds / 60
         logger.info(f"Stopped after {control.steps} steps in {progress.epoch} epoch(s): "
                     + (f"budget of {cfg.train.budget_minutes:.3g} min spent ({used:.2f} min)" if progress.stop_reason
-                       == "budget" else f"step limit {control.total_steps} reached ({used:.2f} min)"))
+                       == "budget" else f"train.max_steps {control.total_steps} reached ({used:.2f} min)"))
     finish_run(cfg, training, score, saver, accelerator, control)
     return run.path
 
@@ -109,7 +111,20 @@ def build_control(cfg: Config, training: Training, accelerator: Accelerator, pro
     budget = 60.0 * cfg.train.budget_minutes if cfg.train.budget_minutes > 0 else None
     return Control(accelerator, total, budget, steps=progress.control.get("steps", 0),
                    seconds_used=progress.control.get("seconds_used", 0.0), reserve=progress.control.get("reserve", 0.0),
-                   signals=signals)
+                   signals=signals, step_limit="max_steps" if cfg.train.max_steps else "epochs")
+
+
+def agree_on_steps(control: Control, accelerator: Accelerator) -> None:
+    """Check that every process stopped after the same optimizer step (they decide together; see :class:`Control`).
+
+    Raises:
+        RuntimeError: the processes' step counts differ, naming them.
+    """
+    if accelerator.num_processes == 1:
+        return
+    steps = gather_object([control.steps])
+    if len(set(steps)) > 1:
+        raise RuntimeError(f"processes stopped after different steps: {', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))}")
 
 
 def preempted(run: RunDir, control: Control, where: str, saved_in: float) -> Preempted:
@@ -156,7 +171,8 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     of = f"/{epochs}" if not cfg.train.max_steps and not cfg.train.budget_minutes else ""
     stats = train_one_epoch(training.model, loader, training.optimizer, training.loss_fn, accelerator,
                             cfg.train.channels_last, f"epoch {epoch}{of}", scheduler=training.scheduler,
-                            ema=training.ema, control=control, done=done)
+                            ema=training.ema, control=control, augment=training.augment, done=done)
+    tail_started = time.perf_counter()
     check_finite(stats, epoch, run, progress)
     if control.preempted and not control.stopped and stats.batches < batches:  # the run's own end comes first
         progress.partial = {**asdict(stats), "epoch_batches": batches}
@@ -169,8 +185,6 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
     started = time.perf_counter()
     result = score(training.logits, training.loaders["val"]) if due else None
     validation_seconds = time.perf_counter() - started
-    if due:
-        control.reserve = validation_seconds  # the final validation must fit in the budget too
     progress.epoch, progress.partial = epoch, {}
     progress.stop_reason = control.reason
     progress.control = control.state()
@@ -186,52 +200,6 @@ def run_epoch(epoch: int, cfg: Config, training: Training, score, saver: Checkpo
         run.write_history(progress.history)
     started = time.perf_counter()
     run.save_state(accelerator, progress)
+    if due:  # what the last epoch adds after its last step (validation, checkpoints, state): the budget keeps it in reserve
+        control.reserve = time.perf_counter() - tail_started
     return time.perf_counter() - started
-
-
-def finish_run(cfg: Config, training: Training, score, saver: CheckpointSaver, accelerator: Accelerator,
-               control: Control) -> None:
-    """Load the selected weights, tune the threshold on validation (optional), then score the test split once.
-
-    Writes metrics.json and per_image.csv (the figures and index.html are :mod:`kvseg.evaluation.report`'s,
-    written by the command after training). The test split is evaluated here and nowhere
-    else, with the weights and threshold that validation chose.
-    """
-    run, loaders, scored = saver.run, training.loaders, training.logits
-    accelerator.wait_for_everyone()
-    selected = [load_model_checkpoint(run.best)["model"] if accelerator.is_main_process else None]
-    broadcast_object_list(selected)  # other machines may not see the main machine's files
-    training.weights.load_state_dict(selected[0])
-    threshold, tuning = cfg.train.threshold, None
-    if cfg.eval.tune_threshold and "val" in loaders:
-        choice = tune_threshold(scored, loaders["val"], cfg.eval.threshold_grid, gather=accelerator.gather_for_metrics)
-        threshold, tuning = choice.value, asdict(choice)
-        logger.info(f"Threshold {threshold} (tuned on validation: per-image Dice {max(choice.dice):.4f})")
-        if accelerator.is_main_process:
-            set_threshold(run.best, threshold, tuning)
-    selection = saver.selection()
-    logger.info(f"Selected epoch {selection['epoch']}"
-                      + (f" (validation {selection['metric']} {selection['score']:.4f})" if selection["split"] else
-                         " (no validation split: the last epoch)"))
-    results = {name: score(scored, loaders[name], threshold=threshold) for name in ("val", "test") if name in loaders}
-    logger.info(f"Test {results['test'].line()}")
-    metrics = {"epoch": selection["epoch"], "epochs_trained": saver.progress.epoch,
-               "stopped_early": saver.progress.stopped_early, "selection": selection,
-               "training": {"steps": control.steps, "epochs": saver.progress.epoch, "stop_reason": saver.progress.stop_reason,
-                            "budget_minutes": cfg.train.budget_minutes or None, "minutes_used": control.clock.seconds / 60},
-               "threshold": {"value": threshold, "tuned_on": "validation" if tuning else None, **(tuning or {})},
-               **{("validation" if name == "val" else name): _without_rows(result) for name, result in results.items()}}
-    if cfg.eval.tta:
-        tta = score(scored, loaders["test"], threshold=threshold, tta=cfg.eval.tta)
-        logger.info(f"With TTA ({len(cfg.eval.tta)} transforms): Test {tta.line()}")
-        metrics["test_tta"] = _without_rows(tta)
-    if accelerator.is_main_process:
-        run.write_metrics(metrics)
-        run.write_per_image([{**asdict(row), "split": "validation" if name == "val" else name}
-                             for name, result in results.items() for row in result.images])
-    accelerator.log({f"test_{k}": v for k, v in asdict(results["test"].per_image).items()}, step=saver.progress.epoch)
-
-
-def _without_rows(result: EvalResult) -> dict:
-    """An evaluation for metrics.json: its per-image rows go to per_image.csv instead."""
-    return {k: v for k, v in result.to_json().items() if k != "images"}

@@ -111,15 +111,17 @@ class Control:
         seconds_used: budget seconds already spent (a resumed run keeps the remainder).
         reserve: seconds of the last validation, kept for the final one (a resumed run keeps them).
         signals: the run's :class:`StopSignals`, whose signal is a stop request.
+        step_limit: what the step limit is called in :attr:`reason` when it ends training (``epochs`` or ``max_steps``).
     """
 
     def __init__(self, accelerator: Accelerator, total_steps: int, budget_seconds: float | None = None,
                  steps: int = 0, seconds_used: float = 0.0, reserve: float = 0.0,
-                 signals: StopSignals | None = None) -> None:
+                 signals: StopSignals | None = None, step_limit: str = "epochs") -> None:
         self.accelerator, self.total_steps, self.budget_seconds = accelerator, max(1, total_steps), budget_seconds
         self.steps, self.clock, self.reserve, self.signals = steps, Clock(seconds_used), reserve, signals
+        self.step_limit = step_limit
         self._requested: str | None = None  # a stop asked for on this process
-        self.reason: str | None = None  # why training ended: "steps" or "budget"
+        self.reason: str | None = None  # why training ended: the step limit's name or "budget"
         self.preempted = False  # some process asked to stop: every process stops and saves, to continue later
         self.progress = self._local_progress(self._time_fraction())
 
@@ -151,7 +153,7 @@ class Control:
             time_fraction, votes = (float(v) for v in self.accelerator.reduce(shared, reduction="sum"))
         self.progress = self._local_progress(time_fraction)
         if self.steps >= self.total_steps:
-            self.reason = "steps"
+            self.reason = self.step_limit
         elif self.budget_seconds is not None and time_fraction >= 1.0:
             self.reason = "budget"
         self.preempted = self.preempted or votes > 0

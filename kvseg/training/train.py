@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 from kvseg.errors import KvsegError
 from kvseg.runs.folder import Progress as RunProgress
 from kvseg.runs.folder import RunDir
+from kvseg.training.epoch_loss import EpochLoss
 from kvseg.training.optim import ProgressSchedule
 from kvseg.training.stopping import Control
 
@@ -45,6 +47,7 @@ class EpochStats:
     steps: int = 0
     stopped: bool = False
     batches: int = 0
+
 
     @property
     def images_per_s(self) -> float:
@@ -103,6 +106,7 @@ def train_one_epoch(
     ema: AveragedModel | None = None,
     timer: PhaseTimer | None = None,
     control: Control | None = None,
+    augment: Callable | None = None,
     done: EpochStats | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` (or its first ``max_steps`` batches), or until ``control`` says stop.
@@ -112,8 +116,10 @@ def train_one_epoch(
     sets the learning rate for that progress and ``ema`` averages the weights. A step the gradient
     scaler skipped (fp16, non-finite gradients: ``accelerator.optimizer_step_was_skipped``) changed no
     weight: it is not counted, the schedule does not advance and the average is not updated. The
-    returned loss is averaged over all samples on all processes; ``lr`` is the learning rate of the
-    epoch's last step. ``timer`` splits each step into :data:`PHASES`.
+    returned loss is averaged over all samples on all processes, each once
+    (:class:`~kvseg.training.epoch_loss.EpochLoss`); ``lr`` is the learning rate of the epoch's last
+    step. ``timer`` splits each step into :data:`PHASES`. ``augment`` turns a loader batch of uint8
+    pairs into the augmented, normalised one on the device (``data.augment_on: device``).
 
     ``done`` is the part of this epoch trained before a preemption (``loader`` then holds the rest of
     the epoch's batches): its samples, loss, steps, batches and seconds are added to the result.
@@ -121,10 +127,7 @@ def train_one_epoch(
     model.train()
     done = done or EpochStats(0.0, 0.0, 0, optimizer.param_groups[0]["lr"])
     start, lr, optimizer_steps, batches, stopped = time.perf_counter(), done.lr, done.steps, done.batches, False
-    counted_once = accelerator.is_main_process  # the processes' sums are added up: the earlier part goes in once
-    loss_sum = torch.tensor(done.loss * done.images if counted_once else 0.0, device=accelerator.device,
-                            dtype=torch.float64)
-    count = torch.tensor(done.images if counted_once else 0, device=accelerator.device, dtype=torch.float64)
+    epoch_loss = EpochLoss(accelerator, loss_fn, carried=(done.loss, done.images))
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     # The bar redraws from a thread that competes for the GIL: keep it slow, and off when
     # the output is not a terminal (logs, CI), where it shows nothing anyway.
@@ -137,9 +140,11 @@ def train_one_epoch(
         task = progress.add_task(description, total=steps, loss="-")
         if timer is not None:
             timer.start()
-        for step, (images, masks, _) in enumerate(loader):
+        for step, (images, masks, indices) in enumerate(loader):
             if step == steps:
                 break
+            if augment is not None:  # uint8 from the workers: rotated, flipped and normalised on the device
+                images, masks = augment(images, masks, indices)
             if timer is not None:
                 timer.mark("data wait")
             if channels_last:
@@ -162,8 +167,7 @@ def train_one_epoch(
                     scheduler.set_progress(control.progress if control is not None else 0.0)
                 if ema is not None and counted:
                     ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
-            loss_sum += loss.detach().double() * len(images)
-            count += len(images)
+            epoch_loss.add(loss, logits, masks)
             batches += 1
             if step % 10 == 0 and accelerator.is_main_process:
                 progress.update(task, loss=f"{loss.item():.4f}")
@@ -172,9 +176,10 @@ def train_one_epoch(
                 timer.mark("optimizer")
             if stopped:
                 break
-    loss_sum, count = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
-    return EpochStats(float(loss_sum / count), done.seconds + time.perf_counter() - start, int(count), lr,
-                      optimizer_steps, stopped, batches)
+    if (stopped or steps < len(loader)) and hasattr(loader, "end"):
+        loader.end()  # an accelerate loader left mid-epoch stays registered as active until told it ended
+    loss, images = epoch_loss.total()
+    return EpochStats(loss, done.seconds + time.perf_counter() - start, images, lr, optimizer_steps, stopped, batches)
 
 
 def check_finite(stats: EpochStats, epoch: int, run: RunDir, progress: RunProgress) -> None:
