@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,13 @@ def _train(launcher: list[str], data: Path, out: Path, name: str, fault: dict | 
         env.update({f"KVSEG_TEST_FAULT{'_' + k.upper() if k != 'fault' else ''}": str(v) for k, v in fault.items()})
         env["KVSEG_TEST_FAULT_LOG"] = str(out / f"{name}.fault.json")
         command = [*launcher, str(INJECT), str(script)]
-    return subprocess.run([*command, "--data-dir", str(data), "--output-dir", str(out), "--run-name", name,
-                           "--resume", "auto", *ARGS], cwd=out, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run([*command, "--data-dir", str(data), "--output-dir", str(out), "--run-name", name,
+                             "--resume", "auto", *ARGS], cwd=out, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if fault:  # for the fault table in docs/distributed.md (pytest -s shows it)
+        fault_time = json.loads((out / f"{name}.fault.json").read_text())["time"]
+        print(f"\n[fault table] {fault['fault']} at step {fault['step']} ({' '.join(launcher[:2])}): "
+              f"{time.time() - fault_time:.1f} s from the signal to the launch's end (load {os.getloadavg()[0]:.1f})")
+    return result
 
 
 def _metrics(run: Path) -> dict:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -125,11 +126,16 @@ class FaultWatch:
         A user error (:class:`~kvseg.errors.KvsegError`) is this process's fault. Any other exception
         waits up to :data:`CAUSE_BEATS` beats for a cause elsewhere (a fault another process wrote, a
         peer that ended or stopped beating); without one it is this process's own, printed with its
-        traceback. Returns (letting ``exc`` propagate) only in a one-process run.
+        traceback. From the start SIGTERM and SIGUSR1 are ignored: a launcher that saw another process
+        end signals this one, which is ending anyway. Returns (letting ``exc`` propagate) only in a
+        one-process run.
         """
         if not self.active:
             return
         self.closing = True  # the thread keeps quiet from here: this thread decides
+        if threading.current_thread() is threading.main_thread():  # the launcher's SIGTERM must not cut the line short
+            for stop in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(stop, signal.SIG_IGN)
         if isinstance(exc, KvsegError):
             fault = Fault(user_message(exc), 2)
             if "--debug" in sys.argv:

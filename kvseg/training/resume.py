@@ -24,6 +24,7 @@ FIXED = {
     "data.split_seed": "the split is fixed in the run's train.txt, val.txt and test.txt",
     "data.test_fraction": "the split is fixed in the run's train.txt, val.txt and test.txt",
     "data.val_fraction": "the split is fixed in the run's train.txt, val.txt and test.txt",
+    "data.val_min_images": "the split is fixed in the run's train.txt, val.txt and test.txt",
     "data.synthetic_": "the data is the folder the run was started on",
     "train.optimizer": "the saved optimizer state is that optimizer's",
 }

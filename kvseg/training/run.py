@@ -56,36 +56,40 @@ def run_training(cfg: Config, options: RunOptions) -> Path:
     """
     accelerator = build_accelerator(cfg, options.mixed_precision)
     check_process_group(accelerator.num_processes)
-    try:
-        with FaultWatch(accelerator, cfg.train.collective_timeout_s):
-            return train_and_evaluate(cfg, options, accelerator)
-    finally:
-        accelerator.end_training()
+    with StopSignals() as signals:  # outside the watch: a failing process is not ended by the launcher's SIGTERM
+        try:
+            with FaultWatch(accelerator, cfg.train.collective_timeout_s):
+                return train_and_evaluate(cfg, options, accelerator, signals)
+        finally:
+            accelerator.end_training()
 
 
-def train_and_evaluate(cfg: Config, options: RunOptions, accelerator: Accelerator) -> Path:
-    """Set up, build, loop over the epochs, evaluate the selected weights: :func:`run_training`'s body."""
-    with StopSignals() as signals:
-        run, split, progress, state = start_run(cfg, options, accelerator)
-        set_seed(cfg.train.seed)
-        training = build_training(cfg, split, accelerator)
-        control = build_control(cfg, training, accelerator, progress, signals)
-        if state is not None:
-            load_state(accelerator, state, progress)
-            training.scheduler.set_progress(control.progress, count=False)  # this run's schedule, at the step reached
-        saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
-                                cfg.train.keep_every)
-        score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
-                        processes=accelerator, normalise=training.normalise)
-        epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
-        epoch = progress.epoch
-        with control.clock.running():  # the budget counts training and validation, not start-up or the final evaluation
-            # the limits of this launch decide (a resumed run may have more epochs, steps or budget)
-            while not (progress.stopped_early or control.progress >= 1.0 or (epochs is not None and epoch >= epochs)):
-                epoch += 1
-                saved_in = run_epoch(epoch, cfg, training, score, saver, accelerator, control)
-                if control.vote():  # a signal during validation or the save: the state of this epoch is whole
-                    raise preempted(run, control, f"the end of epoch {epoch}", saved_in)
+def train_and_evaluate(cfg: Config, options: RunOptions, accelerator: Accelerator, signals: StopSignals) -> Path:
+    """Set up, build, loop over the epochs, evaluate the selected weights: :func:`run_training`'s body.
+
+    ``signals`` ask for a stop while the epochs run; they are restored before the final evaluation.
+    """
+    run, split, progress, state = start_run(cfg, options, accelerator)
+    set_seed(cfg.train.seed)
+    training = build_training(cfg, split, accelerator)
+    control = build_control(cfg, training, accelerator, progress, signals)
+    if state is not None:
+        load_state(accelerator, state, progress)
+        training.scheduler.set_progress(control.progress, count=False)  # this run's schedule, at the step reached
+    saver = CheckpointSaver(run, progress, cfg.train.select_metric if "val" in training.loaders else None,
+                            cfg.train.keep_every)
+    score = partial(evaluate, threshold=cfg.train.threshold, loss_fn=training.loss_fn, loss_name=cfg.train.loss,
+                    processes=accelerator, normalise=training.normalise)
+    epochs = cfg.train.epochs if not cfg.train.max_steps else None  # a step limit runs as many epochs as it takes
+    epoch = progress.epoch
+    with control.clock.running():  # the budget counts training and validation, not start-up or the final evaluation
+        # the limits of this launch decide (a resumed run may have more epochs, steps or budget)
+        while not (progress.stopped_early or control.progress >= 1.0 or (epochs is not None and epoch >= epochs)):
+            epoch += 1
+            saved_in = run_epoch(epoch, cfg, training, score, saver, accelerator, control)
+            if control.vote():  # a signal during validation or the save: the state of this epoch is whole
+                raise preempted(run, control, f"the end of epoch {epoch}", saved_in)
+    signals.restore()  # the final evaluation runs with the handlers found before
     if progress.stopped_early:
         logger.info(f"Early stopping after epoch {epoch}: no validation improvement since epoch "
                     f"{progress.best_epoch} ({cfg.train.early_stopping_patience} evaluations)")
