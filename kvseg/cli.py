@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from kvseg.errors import KvsegError, user_message
+from kvseg.errors import EXIT_PREEMPTED, KvsegError, Preempted, user_message
 
 
 def is_main_rank() -> bool:
@@ -72,19 +72,25 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; print a :class:`KvsegError` as ``error: <message>`` and return 2.
+    """Run ``main(argv)``; print a :class:`KvsegError` as ``error: <message>`` and return 2, a
+    :class:`~kvseg.errors.Preempted` stop as ``preempted: <message>`` and return 75 (:data:`EXIT_PREEMPTED`).
 
-    With ``--debug`` among the arguments the error propagates with its traceback. In a
+    With ``--debug`` among the arguments an error propagates with its traceback. In a
     multi-process launch the main process of each machine prints (each machine has its own terminal).
     """
     configure_logging()
     args = list(sys.argv[1:] if argv is None else argv)
+    local_main = os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
     try:
         main(args)
     except KvsegError as exc:
         if "--debug" in args:
             raise
-        if os.environ.get("LOCAL_RANK", "0").strip() in ("", "0"):
+        if local_main:
             print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        if local_main:
+            print(f"preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

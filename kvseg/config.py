@@ -117,6 +117,7 @@ class TrainConfig:
     sync_batchnorm: str = "auto"  # "auto" (on with several GPU processes), "on" or "off"
     threshold: float = 0.5  # probability above which a pixel is predicted instrument (unless tuned)
     trackers: list[str] = field(default_factory=list)  # experiment trackers: "tensorboard", "mlflow"
+    collective_timeout_s: float = 300.0  # several processes: a lost one ends the run within this (the process group's timeout)
 
 
 @dataclass
@@ -181,6 +182,7 @@ def _validate(cfg: Config) -> None:
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.lr": cfg.train.lr,
         "train.eval_every": cfg.train.eval_every,
+        "train.collective_timeout_s": cfg.train.collective_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:

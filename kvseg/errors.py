@@ -59,6 +59,17 @@ class CheckpointError(KvsegError):
     """A checkpoint or run folder is missing, corrupt or does not match the model."""
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: "temporary failure; the user is invited to retry"
+
+
+class Preempted(Exception):
+    """Training stopped on a stop signal (SIGUSR1, SIGTERM) after saving its resume state; not an error.
+
+    The command prints its message as one line and exits with :data:`EXIT_PREEMPTED`: the same
+    command with ``--resume auto`` continues from the saved step.
+    """
+
+
 def user_message(exc: KvsegError) -> str:
     """The one-line message of ``exc``.
 

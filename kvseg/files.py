@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def temporary_path(path: Path) -> Path:
 def replacing(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; rename it over ``path`` when the block ends.
 
-    For writers that need a file name (``torch.save``, ``onnx.save``, ``Figure.savefig``). The
+    For writers that need a file name (``onnx.save``, ``Figure.savefig``). The
     temporary file is removed when the block raises.
 
     Raises:
@@ -52,7 +53,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        kept = "the previous file is kept" if path.is_file() else "nothing was written"
         raise WriteError(f"{path}: cannot write ({exc.strerror or exc}); {kept}") from None
     except BaseException:
         with contextlib.suppress(OSError):
@@ -69,6 +70,78 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`replacing`)."""
     write_bytes(path, text.encode("utf-8"))
+
+
+def sync(*paths: str | Path) -> None:
+    """Flush each of ``paths`` (files or folders: a folder's entries, e.g. after a rename) to disk (``fsync``).
+
+    Raises:
+        WriteError: a flush failed, naming the path.
+    """
+    for path in paths:
+        try:
+            handle = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
+        except OSError as exc:
+            raise WriteError(f"{path}: cannot flush to disk ({exc.strerror or exc})") from None
+
+
+def sync_tree(folder: str | Path) -> None:
+    """:func:`sync` every file and folder under ``folder``, and ``folder`` itself, files before their folders.
+
+    For a folder another library wrote file by file (accelerate's ``save_state``) before it is renamed
+    into place: some file systems (NFS; any with delayed allocation when the disk is full) report a
+    failed write only at the flush.
+    """
+    sync(*sorted(Path(folder).rglob("*"), reverse=True), folder)
+
+
+def replace_folder(new: str | Path, target: str | Path) -> None:
+    """Put the folder ``new`` in the place of ``target``: flushed to disk (:func:`sync_tree`), then renamed.
+
+    The previous ``target`` is renamed to ``TARGET.old`` first and removed last, so a crash between
+    the two renames leaves it whole under that name (readers fall back to it).
+
+    Raises:
+        WriteError: a flush failed; ``target`` is untouched.
+        OSError: a rename failed.
+    """
+    new, target = Path(new), Path(target)
+    old = target.with_name(target.name + ".old")
+    sync_tree(new)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    sync(target.parent)  # the renames themselves
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing_folder(folder: str | Path, what: str, kept: str, remove: bool = True) -> Iterator[None]:
+    """Turn any failure inside the block, which writes ``what`` into ``folder``, into one :class:`WriteError`.
+
+    For folders written by other libraries, whose errors for a full disk vary (``torch.save`` raises
+    ``RuntimeError``, safetensors its own error, the file system ``OSError``). ``folder`` is removed
+    when ``remove``; the message ends with ``kept``, what the caller keeps instead.
+
+    Raises:
+        WriteError: ``{folder}: cannot save {what} ({reason}; N MiB free there); {kept}``.
+    """
+    folder = Path(folder)
+    try:
+        yield
+    except Exception as exc:
+        if remove:
+            shutil.rmtree(folder, ignore_errors=True)
+        lines = str(exc).strip().splitlines()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (lines[-1][:200] if lines else type(exc).__name__)
+        with contextlib.suppress(OSError):
+            reason += f"; {shutil.disk_usage(folder.parent).free / 2**20:.1f} MiB free there"
+        raise WriteError(f"{folder}: cannot save {what} ({reason}); {kept}") from None
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:

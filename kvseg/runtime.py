@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import signal
 import subprocess
 import sys
 from importlib import metadata
@@ -202,6 +203,25 @@ def single_threaded_opencv() -> None:
     starts the harness's workers. ``cv2.setNumThreads(0)`` in the parent is the usual remedy.
     """
     cv2.setNumThreads(0)
+
+
+def init_worker(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the DataLoaders: :func:`unpin_worker`, then :func:`worker_ignores_stop_signals`."""
+    unpin_worker(worker_id)
+    worker_ignores_stop_signals(worker_id)
+
+
+def worker_ignores_stop_signals(_worker_id: int = 0) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGUSR1 (part of :func:`init_worker`).
+
+    Schedulers signal every process of a job (SLURM; torchrun signals each training process's whole
+    process group), workers included. The training process answers by finishing its step and saving
+    (:mod:`kvseg.training.stopping`); a worker that died of the signal instead (PyTorch's worker
+    handler lets SIGTERM from anyone but its parent kill it) would fail that step first. Workers
+    still end with their parent, on its shutdown or its death.
+    """
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def _cpu_model() -> str:

@@ -4,11 +4,14 @@
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train_ddp.py --epochs 2
     accelerate launch --config_file configs/accelerate/gpu_all_bf16.yaml train_ddp.py --config configs/gpu_h100.yaml
     accelerate launch train_ddp.py --resume runs/20260101-120000
+    accelerate launch train_ddp.py --run-name nightly --resume auto     # continue runs/nightly, or start it
 
 With no dataset at data.root (``data/kvasir-instrument``) and no --data-dir, the synthetic stand-in
 is written to ``data/synthetic-kvasir-instrument`` and used. After training, the main process
 writes the run's figures and index.html (:func:`kvseg.evaluation.report.write_report`). Bad input
-ends with one line ``error: ...`` and exit status 2 (``--debug`` shows the traceback).
+ends with one line ``error: ...`` and exit status 2 (``--debug`` shows the traceback); SIGUSR1 or
+SIGTERM (preemption) with one line ``preempted: ...`` and exit status 75 once the resume state is
+saved (:mod:`kvseg.training.stopping`).
 """
 
 from __future__ import annotations
@@ -17,17 +20,18 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from kvseg.cli import is_main_rank
 from kvseg.commands.plan import budget_of, plan_folder
-from kvseg.config import load_config
-from kvseg.errors import ConfigError
+from kvseg.config import Config, load_config
+from kvseg.errors import CheckpointError, ConfigError
 from kvseg.evaluation.report import write_report
 from kvseg.planning.planner import Plan
-from kvseg.runs.folder import open_run
+from kvseg.runs.folder import RunDir, open_run
 from kvseg.training.factory import RunOptions
+from kvseg.training.run import run_training
 from kvseg.training.stopping import parse_duration
-from kvseg.training.train import run_training
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", metavar="auto|FILE",
                         help="auto: plan the run for --data-dir, this machine and --budget first (python -m kvseg.plan, "
                              "about 30 s of probing); FILE: a plan written by python -m kvseg.plan")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last completed epoch")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last saved state (an epoch's end, or the step a "
+                             "preemption stopped at); auto: the run folder --output-dir/--run-name when it holds one, "
+                             "else start it there (what a requeued or restarted job runs)")
     parser.add_argument(
         "--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
         help="auto: the launcher's setting, or bf16 where it is native, on a GPU or a CPU (default)",
@@ -97,10 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resumable_run(cfg: Config) -> str | None:
+    """``--resume auto``: the run folder ``output_dir/run_name`` when it holds a state to resume from, else None
+    (a new run is started there).
+
+    Raises:
+        ConfigError: there is no run name: an automatic resume needs a folder that every attempt names alike.
+    """
+    if not cfg.run_name:
+        raise ConfigError("--resume auto needs --run-name (or run_name in the config): the run folder it continues, "
+                          "or starts when that holds no saved state")
+    run = RunDir(Path(cfg.output_dir) / cfg.run_name)
+    try:
+        run.state_dir()
+    except CheckpointError:
+        logger.info(f"--resume auto: {run} holds no saved state; starting the run there")
+        return None
+    return str(run)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
-    if args.epochs is not None and args.budget is None and not args.resume:
+    resume, plan_given = args.resume, args.plan
+    if resume == "auto":  # the run folder the flags name, when it holds a saved state; else a new run there
+        resume = resumable_run(load_config(args.config or (plan_given if plan_given != "auto" else None),
+                                           overrides + args.set))
+        if resume and plan_given:
+            logger.info(f"--resume auto: {resume} continues with the config it was planned with; --plan is not run")
+            plan_given = None
+    if args.epochs is not None and args.budget is None and not resume:
         overrides.append("train.budget_minutes=0")  # --epochs N alone: N epochs, however long they take
     if args.budget is not None:
         try:
@@ -108,20 +141,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ValueError as exc:
             raise ConfigError(f"--budget: {exc}") from None
     config_file, plan_text, precision = args.config, None, args.mixed_precision
-    if args.plan and (args.config or args.resume):
+    if plan_given and (args.config or resume):
         raise ConfigError("--plan writes the config of a new run; pass it without --config and --resume")
-    if args.resume:
-        config_file = open_run(args.resume).config
-    elif args.plan == "auto":
+    if resume:  # a resumed run starts from its own config.yaml; flags and --set change it (kvseg.training.resume)
+        config_file = open_run(resume).config
+    elif plan_given == "auto":
         plan, precision = planned(args, precision)
         plan_text, overrides = plan.to_yaml(), plan.overrides + overrides
-    elif args.plan:
-        config_file = args.plan
+    elif plan_given:
+        config_file = plan_given
     cfg = load_config(config_file, overrides + args.set)
-    options = RunOptions(data_dir_given=args.data_dir is not None, resume=args.resume, mixed_precision=precision,
+    options = RunOptions(data_dir_given=args.data_dir is not None, resume=resume, mixed_precision=precision,
                          plan=plan_text)
     run = run_training(cfg, options)
     if is_main_rank():
         write_report(run)
         logger.info(f"Wrote {run}")
-

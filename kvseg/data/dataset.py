@@ -28,7 +28,7 @@ from kvseg.data.folder import Sample
 from kvseg.data.masks import MaskEncoding
 from kvseg.data.preprocessed import CacheUnavailable, PreprocessedFrames, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.errors import EmptyDatasetError
-from kvseg.runtime import default_num_workers, single_threaded_opencv, unpin_worker
+from kvseg.runtime import default_num_workers, init_worker, single_threaded_opencv
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,6 @@ def build_dataloaders(cfg: Config, datasets: dict[str, SegmentationDataset], pin
     return {
         name: DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=name == "train", num_workers=workers,
                          pin_memory=pin_memory, persistent_workers=workers > 0 and name == "train",
-                         worker_init_fn=unpin_worker if workers else None)
+                         worker_init_fn=init_worker if workers else None)
         for name, dataset in datasets.items()
     }

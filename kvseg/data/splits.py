@@ -14,6 +14,7 @@ import numpy as np
 
 from kvseg.data.folder import IMAGE_EXTENSIONS, Sample, preview
 from kvseg.errors import SplitError
+from kvseg.files import write_text
 
 SPLIT_FILES = ("train.txt", "val.txt", "test.txt")
 
@@ -35,12 +36,21 @@ class Split:
 def read_split_file(path: Path, known: dict[str, Sample]) -> list[str]:
     """The ids listed in a split file (one per line; a file name's extension is dropped).
 
+    The file is read as Python's ``utf-8-sig`` codec does, so the byte-order mark that Windows
+    Notepad writes at the start is not part of the first id; ``\r\n`` and ``\r`` end lines as ``\n`` does.
+
     Raises:
-        SplitError: an id has no image, or an id is listed twice (it would be trained or scored twice),
-            naming the file and line.
+        SplitError: the file is not UTF-8 text, an id has no image, or an id is listed twice (it would
+            be trained or scored twice), naming the file and line.
     """
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise SplitError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected one id per "
+                         "line, saved as UTF-8") from None
     ids: dict[str, int] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         name = line.strip()
         if not name:
             continue
@@ -119,8 +129,12 @@ def resolve_split(root: str | Path, samples: dict[str, Sample], seed: int, test_
 
 
 def write_split(split: Split, folder: str | Path) -> None:
-    """Write ``train.txt``, ``val.txt`` and ``test.txt`` into ``folder`` (a run folder, never the data folder)."""
+    """Write ``train.txt``, ``val.txt`` and ``test.txt`` into ``folder`` (a run folder, never the data folder).
+
+    Raises:
+        WriteError: a file could not be written (:func:`kvseg.files.write_text`; the previous one is kept).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, ids in zip(SPLIT_FILES, (split.train, split.val, split.test)):
-        (folder / name).write_text("".join(f"{i}\n" for i in ids))
+        write_text(folder / name, "".join(f"{i}\n" for i in ids))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from kvseg.evaluation.plots import (
     plot_predictions,
 )
 from kvseg.evaluation.tta import DIHEDRAL
-from kvseg.files import write_text
+from kvseg.files import WriteError, write_text
 from kvseg.models.build import describe
 from kvseg.models.losses import build_loss
 from kvseg.runs.checkpoint import threshold_of
@@ -48,6 +49,7 @@ FIGURES = {
     "feature_maps.png": "Feature maps of one test image, strongest channels per layer",
 }
 AUGMENTATION_VERSIONS = ("identity", "rot90", "hflip", "vflip", "transpose")
+logger = logging.getLogger(__name__)
 
 
 def _iou(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -201,7 +203,8 @@ def write_report(run_dir: str | Path, data_dir: str | None = None, train_images:
     """(Re)create every figure and index.html of ``run_dir``; returns the files written.
 
     Reads metrics.json and per_image.csv; for a run without them, the best checkpoint is evaluated on
-    the test split here.
+    the test split here. A figure that cannot be written (a full disk: :class:`~kvseg.files.WriteError`)
+    is named in one warning line and left out; the other figures and index.html are still written.
 
     Raises:
         CheckpointError: the run folder or its best checkpoint is missing.
@@ -222,11 +225,20 @@ def write_report(run_dir: str | Path, data_dir: str | None = None, train_images:
     test = metrics["test"]
     threshold = test["threshold"]
     history = json.loads(run.history.read_text()) if run.history.is_file() else []
-    written = [plot_metrics(test, run.path / "metrics.png"), plot_confusion_matrix(test, run.path / "confusion_matrix.png",
-                                                                                 cfg.data.class_name)]
+    written: list[Path] = []
+
+    def draw(name: str, write, *data, **options) -> None:
+        """``write(*data, RUN/name, **options)``; a failed write is one warning, and the report goes on."""
+        try:
+            written.append(write(*data, run.path / name, **options))
+        except WriteError as exc:
+            logger.warning(f"warning: {exc}; the report goes on without {name}")
+
+    draw("metrics.png", plot_metrics, test)
+    draw("confusion_matrix.png", plot_confusion_matrix, test, class_name=cfg.data.class_name)
     if history:
-        written.append(plot_loss_curve(history, run.path / "loss_curve.png"))
-    written.append(plot_pr_roc(test, run.path / "pr_roc.png"))  # "undefined" and why, where a curve is missing
+        draw("loss_curve.png", plot_loss_curve, history)
+    draw("pr_roc.png", plot_pr_roc, test)  # "undefined" and why, where a curve is missing
 
     iou_of = {row["id"]: row["iou"] for row in rows}
     test_index = {sample.id: i for i, sample in enumerate(test_set.samples)}
@@ -238,10 +250,13 @@ def write_report(run_dir: str | Path, data_dir: str | None = None, train_images:
     for sample_id in worst:
         shown = _predicted(model, test_set, test_index[sample_id], threshold)
         shown_rows.append({**shown, "title": f"test {sample_id}: IoU {shown['iou']:.3f}"})
-    written.append(plot_predictions(shown_rows, run.path / "predictions.png", class_name=cfg.data.class_name))
-    panels = [augmentation_panel(model, test_set, i, threshold) for i in range(min(3, len(test_set)))]
-    written.append(plot_augmentations(panels, run.path / "augmentations.png"))
-    written.append(plot_feature_maps(feature_maps(model, test_set[0][0]), run.path / "feature_maps.png"))
+    draw("predictions.png", plot_predictions, shown_rows, class_name=cfg.data.class_name)
+    draw("augmentations.png", plot_augmentations, [augmentation_panel(model, test_set, i, threshold)
+                                                   for i in range(min(3, len(test_set)))])
+    draw("feature_maps.png", plot_feature_maps, feature_maps(model, test_set[0][0]))
     environment = json.loads(run.environment.read_text()) if run.environment.is_file() else None
-    written.append(write_index(run.path, metrics, config_to_dict(cfg), environment))
+    try:
+        written.append(write_index(run.path, metrics, config_to_dict(cfg), environment))
+    except WriteError as exc:
+        logger.warning(f"warning: {exc}; the figures are written, the page showing them is not")
     return written

@@ -1,12 +1,13 @@
 """Self-describing model checkpoints.
 
 A model checkpoint holds the weights, the resolved config and the metrics of its epoch; it is written
-atomically (:func:`kvseg.files.replacing`) and read with ``weights_only=True``. Where checkpoints
+atomically (:func:`kvseg.files.write_bytes`) and read with ``weights_only=True``. Where checkpoints
 live is decided by :mod:`kvseg.runs.folder`.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 import kvseg
 from kvseg.config import Config, config_from_dict, config_to_dict
 from kvseg.errors import CheckpointError
-from kvseg.files import json_safe, replacing
+from kvseg.files import json_safe, write_bytes
 from kvseg.models.build import build_model, describe
 
 CHECKPOINT_FORMAT = "kvseg-checkpoint-1"
@@ -40,8 +41,11 @@ def save_model_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, epoch
 
 
 def _save(payload: dict, path: Path) -> None:
-    with replacing(path) as tmp:
-        torch.save(payload, tmp)
+    """Serialise in memory, then write the bytes atomically: ``torch.save`` to a file reports a full disk as
+    a ``RuntimeError`` ("unexpected pos"), a plain write as the ``OSError`` that :func:`kvseg.files.replacing` names."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def set_threshold(path: Path, threshold: float, tuning: dict) -> None:

@@ -29,7 +29,7 @@ from kvseg.config import Config, config_to_yaml
 from kvseg.data.folder import find_samples
 from kvseg.data.splits import Split, resolve_split, write_split
 from kvseg.errors import CheckpointError
-from kvseg.files import json_safe, write_json, write_text
+from kvseg.files import json_safe, replace_folder, write_json, write_text, writing_folder
 from kvseg.runs.checkpoint import load_trained_model
 
 PER_IMAGE_COLUMNS = ("id", "split", "iou", "dice", "loss", "true_fraction", "predicted_fraction")
@@ -52,8 +52,9 @@ class Progress:
     best_score: float | None = None
     best_epoch: int | None = None
     stopped_early: bool = False
-    stop_reason: str | None = None  # "budget", "steps" or a stop request, when training ended before its epochs
+    stop_reason: str | None = None  # "budget" or "steps", when training ended before its epochs
     control: dict = field(default_factory=dict)  # optimizer steps done and budget seconds spent (kvseg.training.stopping)
+    partial: dict = field(default_factory=dict)  # a preempted epoch: what of epoch + 1 is done (kvseg.training.train.EpochStats)
 
 
 class RunDir:
@@ -65,8 +66,7 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
-    def __fspath__(self) -> str:
-        return str(self.path)
+    __fspath__ = __str__
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -101,7 +101,7 @@ class RunDir:
     # -- the training state ------------------------------------------------------------------
 
     def state_dir(self) -> Path:
-        """The accelerate state of the last completed epoch, falling back to one left by a crashed swap.
+        """The accelerate state last saved (an epoch's end or a preempted step), else one a crashed swap left.
 
         Raises:
             CheckpointError: there is no completed epoch to resume from.
@@ -113,27 +113,31 @@ class RunDir:
 
     def load_progress(self) -> tuple[Path, Progress]:
         """The state folder to load and the :class:`Progress` saved with it."""
-        state = self.state_dir()
-        return state, Progress(**json.loads((state / "progress.json").read_text()))
+        return (state := self.state_dir()), Progress(**json.loads((state / "progress.json").read_text()))
 
     def save_state(self, accelerator: Accelerator, progress: Progress) -> None:
-        """``save_state`` into a fresh folder, then swap it in: a crash leaves the previous state whole.
+        """``save_state`` into a fresh folder, flushed to disk, then swapped in: a crash, a kill or a full
+        disk leaves the previous state whole.
 
         Every machine that keeps a copy of the run (:meth:`keeps_copy`) swaps its own folder.
+
+        Raises:
+            WriteError: a file of the state could not be written or flushed (disk full, I/O error); the
+                half-written folder is removed and the previous ``checkpoints/state`` is intact.
         """
-        tmp, current, old = (self.checkpoints / name for name in ("state.tmp", "state", "state.old"))
-        if self.keeps_copy(accelerator):
+        tmp, current = self.checkpoints / "state.tmp", self.checkpoints / "state"
+        writes = self.keeps_copy(accelerator)
+        kept = "the previous state in checkpoints/state is kept" if current.is_dir() else "no state was saved before"
+        if writes:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        with writing_folder(tmp, "the training state", kept, remove=writes):
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
-        if self.keeps_copy(accelerator):
-            write_json(tmp / "progress.json", json_safe(asdict(progress)))
-            shutil.rmtree(old, ignore_errors=True)
-            if current.exists():
-                current.rename(old)
-            tmp.rename(current)
-            shutil.rmtree(old, ignore_errors=True)
+        if writes:
+            with writing_folder(tmp, "the training state", kept):
+                write_json(tmp / "progress.json", json_safe(asdict(progress)))
+                replace_folder(tmp, current)  # a crash in between leaves state.old, which state_dir falls back to
         accelerator.wait_for_everyone()
 
     def claim(self, accelerator: Accelerator) -> None:
@@ -219,10 +223,8 @@ class RunDir:
         """The rows of per_image.csv (numbers as floats; loss None when empty); [] when there is none."""
         if not self.per_image.is_file():
             return []
-        rows = []
-        for row in csv.DictReader(self.per_image.read_text().splitlines()):
-            rows.append({**row, **{k: float(row[k]) if row[k] else None for k in PER_IMAGE_COLUMNS[2:]}})
-        return rows
+        return [{**row, **{k: float(row[k]) if row[k] else None for k in PER_IMAGE_COLUMNS[2:]}}
+                for row in csv.DictReader(self.per_image.read_text().splitlines())]
 
     # -- reading back -----------------------------------------------------------------------
 
@@ -258,7 +260,8 @@ def create_run(output_dir: str | Path, run_name: str, accelerator: Accelerator) 
     run = RunDir(Path(output_dir) / name[0])
     if accelerator.is_main_process:
         if run.last.is_file() or (run.checkpoints / "state").is_dir():
-            raise CheckpointError(f"{run}: run folder already holds checkpoints; use --resume {run} or another name")
+            raise CheckpointError(f"{run}: run folder already holds checkpoints; use --resume {run} (or --resume auto) "
+                                  "or another name")
         try:
             run.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

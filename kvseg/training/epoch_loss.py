@@ -18,12 +18,17 @@ from kvseg.evaluation.evaluate import per_image_loss
 
 
 class EpochLoss:
-    """Sums the training loss of an epoch's batches (:meth:`add`) and gives the mean over its samples (:meth:`total`)."""
+    """Sums the training loss of an epoch's batches (:meth:`add`) and gives the mean over its samples (:meth:`total`).
 
-    def __init__(self, accelerator: Accelerator, loss_fn: nn.Module) -> None:
+    ``carried`` is (mean loss, samples) of the part of the epoch trained before a preemption, over all
+    processes: it is counted once in the total.
+    """
+
+    def __init__(self, accelerator: Accelerator, loss_fn: nn.Module, carried: tuple[float, int] = (0.0, 0)) -> None:
         self.accelerator, self.loss_fn = accelerator, loss_fn
         self._local = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # this process: sum, samples
-        self._common = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # the same on every process
+        self._common = torch.tensor([carried[0] * carried[1], carried[1]], device=accelerator.device,
+                                    dtype=torch.float64)  # the same on every process
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> None:
         """Count a batch: its loss (a scalar, the batch mean), its logits (B, 1, H, W) and masks (B, 1, H, W)."""

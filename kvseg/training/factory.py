@@ -2,7 +2,7 @@
 
 :func:`start_run` opens a new or resumed run folder; :func:`build_training` builds the model,
 optimizer, schedule, weight average, loss and loaders from the config, each by its own factory,
-and prepares them with ``accelerate``; :mod:`kvseg.training.train` runs the loop over what they return.
+and prepares them with ``accelerate``; :mod:`kvseg.training.run` runs the loop over what they return.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from kvseg.config import Config, config_to_dict, config_to_yaml, load_config
+from kvseg.config import Config, config_to_dict, config_to_yaml
 from kvseg.data.dataset import SegmentationDataset, build_dataloaders, build_datasets
 from kvseg.data.device_augment import DeviceBatches
 from kvseg.data.folder import find_samples
@@ -43,6 +44,7 @@ from kvseg.runtime import (
     resolve_mixed_precision,
 )
 from kvseg.training.optim import ProgressSchedule, build_ema, build_optimizer, build_scheduler
+from kvseg.training.resume import describe, resume_config
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,7 @@ def build_accelerator(cfg: Config, mixed_precision: str = "auto") -> Accelerator
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
+        kwargs_handlers=[process_group_timeout(cfg.train.collective_timeout_s)],
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         # pinned host memory (set by build_dataloaders on a GPU) copies to the device without blocking
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed, non_blocking=not cpu),
@@ -133,6 +136,21 @@ def build_accelerator(cfg: Config, mixed_precision: str = "auto") -> Accelerator
     )
     configure_gpu_math(accelerator.device)  # cudnn.benchmark and TF32 on a GPU
     return accelerator
+
+
+def process_group_timeout(seconds: float) -> InitProcessGroupKwargs:
+    """The process group's timeout, ``train.collective_timeout_s``: how long a collective waits for a peer.
+
+    gloo raises "Timed out waiting ... for recv operation to complete" after it; NCCL's watchdog aborts
+    the group. The backends' default (30 minutes; accelerate's 10 for NCCL) would hold every GPU that
+    long after one machine is lost. It must exceed the longest time one process works while the others
+    wait in a collective: the first step under ``train.compile``, a slow checkpoint write. (The folder
+    check and the disk cache are prepared while the others wait on a file, not in a collective.)
+    """
+    handler = InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
+    if "timeout" not in handler.to_kwargs():  # accelerate passes on only values unlike its default (600 s)
+        handler.timeout += timedelta(microseconds=1)
+    return handler
 
 
 def environment(accelerator: Accelerator, cfg: Config | None = None) -> dict:
@@ -190,13 +208,16 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
 
     A new run resolves the data folder first (writing the synthetic stand-in when needed), records
     it in ``cfg.data.root`` and writes the config, split and environment. The state folder is None
-    for a new run. The model's own checks (:func:`kvseg.models.build.check_model_config`) come first.
+    for a new run. The model's own checks (:func:`kvseg.models.build.check_model_config`) come first. A
+    resumed run checks what ``cfg`` changes (:func:`kvseg.training.resume.resume_config`) and records the
+    changes in its config.yaml.
     """
     check_model_config(cfg)
+    changes: dict = {}
     if options.resume:
         run = open_run(options.resume)
-        resume_config(run, cfg)
         state, progress = run.load_progress()
+        changes = resume_config(run, cfg, progress)
         prepare_training_data(cfg, accelerator.is_local_main_process)
         split = run.split(cfg)
     else:
@@ -218,22 +239,12 @@ def start_run(cfg: Config, options: RunOptions, accelerator: Accelerator) -> tup
     )
     if run.keeps_copy(accelerator) and state is None:
         run.write_start(cfg, split, environment(accelerator, cfg), plan=options.plan)
+    if changes:
+        logger.info(f"Resuming with a changed config: {describe(changes)} (written to {run.config})")
+        if run.keeps_copy(accelerator):
+            run.write_config(cfg)
     start_trackers(accelerator, cfg, run)
     return run, split, progress, state
-
-
-def resume_config(run: RunDir, cfg: Config) -> None:
-    """Check that ``cfg`` can continue ``run``: same model and image size as it was trained with.
-
-    Raises:
-        CheckpointError: the model or image size differ.
-    """
-    previous = load_config(run.config)
-    if previous.model != cfg.model or previous.data.image_size != cfg.data.image_size:
-        raise CheckpointError(
-            f"{run}: checkpoint was trained with model {previous.model} at image size {previous.data.image_size}; "
-            f"cannot resume with model {cfg.model} at image size {cfg.data.image_size}"
-        )
 
 
 def load_state(accelerator: Accelerator, state: Path, progress: Progress) -> None:
@@ -242,4 +253,6 @@ def load_state(accelerator: Accelerator, state: Path, progress: Progress) -> Non
         accelerator.load_state(str(state))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{state}: cannot load training state ({str(exc).splitlines()[0]})") from None
-    logger.info(f"Resumed from {state} after epoch {progress.epoch}")
+    partial = progress.partial
+    logger.info(f"Resumed from {state} after epoch {progress.epoch}" + (
+        f" and {partial['batches']} batches of epoch {progress.epoch + 1} (preempted)" if partial else ""))
