@@ -7,7 +7,9 @@ records (in a run's ``environment.json`` and in every benchmark report).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing.util  # its exit handler must be registered before ours (atexit runs handlers last in, first out)
 import os
 import platform
 import signal
@@ -222,6 +224,33 @@ def worker_ignores_stop_signals(_worker_id: int = 0) -> None:
     """
     for stop in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(stop, signal.SIG_IGN)
+
+
+def end_workers_at_exit() -> None:
+    """At interpreter exit, kill the DataLoader workers still alive (once registered, for every later exit).
+
+    Workers ignore SIGTERM (:func:`worker_ignores_stop_signals`), and multiprocessing's own exit
+    handler ends daemonic children with SIGTERM and then joins them: a worker of a persistent
+    loader whose iterator outlived the run (PyTorch 2.7 keeps it until the interpreter's end) would
+    keep the finished process waiting forever. This handler runs first: it puts back the default
+    SIGCHLD action (PyTorch's handler would report the workers' end as a failure) and sends SIGKILL;
+    a worker only reads frames, so nothing is lost.
+    """
+    global _EXIT_HANDLER
+    if not _EXIT_HANDLER:
+        atexit.register(_kill_workers)
+        _EXIT_HANDLER = True
+
+
+_EXIT_HANDLER = False
+
+
+def _kill_workers() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 def _cpu_model() -> str:

@@ -69,6 +69,29 @@ def test_data_loader_workers_outlive_the_stop_signals() -> None:
     assert worker.exitcode == 0 and results.get() == "alive"
 
 
+WORKER_OUTLIVES_ITS_LOADER = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from kvseg.data.dataset import SegmentationDataset  # noqa: F401 (the import path training takes)
+from kvseg.runtime import end_workers_at_exit, init_worker
+end_workers_at_exit()
+loader = DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=2, num_workers=1, persistent_workers=True,
+                    worker_init_fn=init_worker)
+for _ in loader:
+    pass
+KEEP = [iter(loader)]  # a persistent iterator alive at exit, as PyTorch 2.7 keeps a finished run's
+print("done")
+"""
+
+
+def test_a_process_ends_though_its_workers_ignore_sigterm() -> None:
+    """multiprocessing's exit handler ends workers with SIGTERM, which they ignore; without kvseg's handler this hangs."""
+    done = subprocess.run([sys.executable, "-c", WORKER_OUTLIVES_ITS_LOADER], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "done" and "Error" not in done.stderr, done.stderr
+
+
 # -- end to end -------------------------------------------------------------------------------
 
 ARGS = ["--epochs", "3", "--image-size", "64", "--batch-size", "2", *TINY_TRAINING[4:], "--set", "eval.tta=[]"]

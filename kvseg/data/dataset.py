@@ -28,7 +28,7 @@ from kvseg.data.folder import Sample
 from kvseg.data.masks import MaskEncoding
 from kvseg.data.preprocessed import CacheUnavailable, PreprocessedFrames, decode_pair, open_or_build, resolve_cache_dir
 from kvseg.errors import EmptyDatasetError
-from kvseg.runtime import default_num_workers, init_worker, single_threaded_opencv
+from kvseg.runtime import default_num_workers, end_workers_at_exit, init_worker, single_threaded_opencv
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def build_dataloaders(cfg: Config, datasets: dict[str, SegmentationDataset], pin
     workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers()
     if workers:
         single_threaded_opencv()
+        end_workers_at_exit()
     return {
         name: DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=name == "train", num_workers=workers,
                          pin_memory=pin_memory, persistent_workers=workers > 0 and name == "train",
